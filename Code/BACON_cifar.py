@@ -1,0 +1,13 @@
+"""Distil CIFAR-10 or CIFAR-100 (--dataset CIFAR10 | CIFAR100).
+
+Thin entry point: it only sets the default dataset; every flag of the
+reference script is accepted and the shared loop (pipeline.run) does the work.
+Run `python BACON_cifar.py --help` for the flags and their effective defaults.
+"""
+
+import sys
+
+from cli import main
+
+if __name__ == "__main__":
+    sys.exit(main({"dataset": "CIFAR10"}))

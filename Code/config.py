@@ -1,0 +1,266 @@
+"""The run configuration: one typed object, resolved once, passed down everywhere.
+
+``Config``'s field defaults are the settings every published BACON command
+shares, so with ``configs/published.yaml`` (the per-dataset, per-IPC rows of
+the paper's command list) a bare ``--dataset MNIST --ipc 10`` is the paper run.
+Resolution order, later winning: field defaults, the entry script's defaults,
+the published row, the method's defaults, ``--config FILE.yaml``, the command
+line. ``cli.py`` turns the fields into flags; this module holds the fields,
+the YAML layers and the checks that need no data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+import types
+from typing import Any, get_args, get_type_hints
+
+import torch
+import yaml
+
+from augment import parse_strategy
+from data import dataset_names
+from errors import ConfigError
+from methods import get_method
+from networks import get_eval_pool, model_names
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs" / "published.yaml"
+
+RUN, SYNSET, MATCHING, POOL, EVAL, DATA, COMPAT = (
+    "run", "synthetic set", "matching", "network pool", "evaluation", "data",
+    "accepted for compatibility with the reference scripts (no effect in BACON)",
+)
+
+
+def option(default: Any, help: str, group: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field whose metadata becomes the command-line flag's help and group."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a distillation run. Names follow the reference's flags."""
+
+    method: str = option("bacon", "matching method", RUN)
+    dataset: str = option("CIFAR10", "dataset name", RUN)
+    model: str = option("ConvNet", "network distilled with (and evaluated by eval_mode S)", RUN)
+    ipc: int = option(50, "synthetic images per class", RUN)
+    seed: int = option(0, "root seed of every random stream", RUN)
+    device: str = option("auto", "auto = cuda when available, else cpu", RUN, ("auto", "cpu", "cuda"))
+    data_path: str = option(str(REPO_ROOT / "data"), "where datasets are found or downloaded", RUN)
+    save_path: str = option(str(REPO_ROOT / "results"), "directory that receives one folder per run", RUN)
+    run_name: str = option("", "run folder name (default: method_dataset_ipcN_seedS_time)", RUN)
+    num_exp: int = option(5, "independent distillations (experiments)", RUN)
+    Iteration: int = option(20000, "distillation iterations per experiment", RUN)
+    eval_interval: int = option(100, "evaluate at every positive multiple of this (and at the end)", RUN)
+    log_every: int = option(10, "iterations between metric records", RUN)
+
+    init: str = option("real", "initialise from random real images or from noise", SYNSET, ("real", "noise"))
+    aug: bool = option(True, "multi-formation: each stored image is a 2x2 mosaic decoded to 4", SYNSET)
+    lr_img: float = option(0.2, "learning rate of the synthetic images", SYNSET)
+    optim: str = option("sgd", "image optimiser (SGD has momentum 0.5)", SYNSET, ("sgd", "adam"))
+
+    batch_real: int = option(256, "real images per class per image step (capped at the class size)", MATCHING)
+    embed_last: int = option(1000, "feature modules kept by embed(); -1 drops the last one", MATCHING)
+    syn_ce: bool = option(True, "add the accuracy-weighted cross-entropy of the synthetic images", MATCHING)
+    ce_weight: float = option(0.5, "weight of the synthetic cross-entropy", MATCHING)
+    dsa_strategy: str = option("color_crop_cutout_flip_scale_rotate", "DSA ops joined by '_', or none", MATCHING)
+    dsa_mode: str = option("S", "DSA mode: S = one op group per call, M = all groups", MATCHING, ("S", "M"))
+    ipc1_rules: bool = option(False, "the CIFAR-10 script's IPC-1 rules: lowest-CE real images, CE only "
+                              "when wrong (IPC 1 without --aug only)", MATCHING)
+
+    net_num: int = option(100, "largest size of the network pool", POOL)
+    net_generate_interval: int = option(30, "add nets to the pool every this many iterations", POOL)
+    net_push_num: int = option(1, "nets added each time", POOL)
+    train_net_num: int = option(1, "pool nets used for image updates per iteration", POOL)
+    fetch_net_num: int = option(2, "pool nets trained on real data per iteration", POOL)
+    model_train_steps: int = option(10, "SGD steps per trained pool net", POOL)
+    trained_bs: int = option(256, "real batch size of pool training", POOL)
+    lr_net: float = option(0.01, "learning rate of pool nets and evaluation nets", POOL)
+    net_decay: bool = option(True, "pool SGD with momentum 0.9 and weight decay 5e-4", POOL)
+    net_begin: int = option(0, "pick image-update nets from pool[net_begin:net_end] when that holds > 10", POOL)
+    net_end: int = option(100000, "see net_begin", POOL)
+    outer_loop: int = option(1, "image update + pool training rounds per iteration", POOL)
+
+    eval_mode: str = option("S", "evaluation pool: S, SS, M, W, D, A, P or N", EVAL)
+    num_eval: int = option(5, "fresh networks per evaluation model", EVAL)
+    epoch_eval_train: int = option(1000, "training epochs of each evaluation network (+1, as the reference)", EVAL)
+    batch_train: int = option(256, "batch size of evaluation training", EVAL)
+    eval_init: bool = option(False, "also evaluate the initial set (the real images it starts from)", EVAL)
+    test_pool_nets: bool = option(False, "at evaluation points also test every pool net (slow)", EVAL)
+
+    zca: bool = option(False, "ZCA-whiten the data (eps 0.1)", DATA)
+    im_size: int | None = option(None, "ImageFolder only: resize images to this square side (32 if unset)", DATA)
+    test_fraction: float = option(0.2, "ImageFolder without test/: fraction of each class held out", DATA)
+
+    net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
+    mismatch_lambda: float = option(0.0, "unused", COMPAT)
+    mismatch_type: str = option("l1", "unused", COMPAT)
+    inner_loop: int = option(1, "unused", COMPAT)
+    last: int = option(100, "unused", COMPAT)
+    weight_layer_index: int = option(0, "unused", COMPAT)
+    conf_path: str = option("", "unused", COMPAT)
+    local_num: int = option(10, "unused", COMPAT)
+    local_weight: float = option(0.1, "unused", COMPAT)
+    dis_metric: str = option("ours", "unused", COMPAT)
+    aug_num: int = option(1, "must be 1", COMPAT, (1,))
+    ij_selection: str = option("random", "must be random", COMPAT, ("random",))
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _value_type(hint: Any) -> type:
+    """The type a flag parses to: X for ``X | None`` (such fields may also be left unset)."""
+    if isinstance(hint, types.UnionType):
+        return next(arg for arg in get_args(hint) if arg is not type(None))
+    return hint
+
+
+FIELD_TYPES: dict[str, type] = {name: _value_type(hint) for name, hint in get_type_hints(Config).items()}
+
+
+def published_defaults(dataset: str, ipc: int) -> dict[str, Any]:
+    """The published command's flags for this dataset and IPC ({} when unpublished)."""
+    table = yaml.safe_load(PUBLISHED_CONFIGS.read_text())
+    return dict(table.get(dataset, {}).get(ipc, {}))
+
+
+def protocol_defaults(dataset: str, ipc: int, method: str) -> dict[str, Any]:
+    """The settings the paper's protocol prescribes beyond the field defaults.
+
+    The method's own defaults (DM's learning rate, say) win over the published
+    BACON row, which was tuned for BACON.
+    """
+    return {"dataset": dataset, "ipc": ipc, "method": method,
+            **published_defaults(dataset, ipc), **get_method(method).defaults}
+
+
+def reference_config(dataset: str, ipc: int, method: str) -> Config:
+    """The configuration of the paper's protocol for this dataset, IPC and method."""
+    return Config(**protocol_defaults(dataset, ipc, method))
+
+
+BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
+                 "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
+NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "eval_init", "test_pool_nets"}
+
+
+def departures_from_reference(config: Config) -> dict[str, dict[str, Any]]:
+    """Settings that differ from the paper's protocol for this dataset, IPC and method."""
+    reference = reference_config(config.dataset, config.ipc, config.method)
+    return {
+        name: {"used": getattr(config, name), "published": getattr(reference, name)}
+        for name, spec in FIELDS.items()
+        if name not in NOT_PROTOCOL and spec.metadata["group"] != COMPAT
+        and getattr(config, name) != getattr(reference, name)
+    }
+
+
+def is_reduced_budget(config: Config) -> bool:
+    """True when any budget setting is below the published protocol's."""
+    departures = departures_from_reference(config)
+    return any(departures[name]["used"] < departures[name]["published"] for name in BUDGET_FIELDS if name in departures)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for absent CUDA is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given but this machine has no usable CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def check_value(name: str, value: Any, source: str) -> Any:
+    """Type-check one setting from a YAML file (ints are accepted for floats)."""
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown key {name!r} in {source}{hint}")
+    expected = FIELD_TYPES[name]
+    if value is None and FIELDS[name].default is None:
+        return None
+    accepted = (int, float) if expected is float else (expected,)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, accepted):
+        raise ConfigError(
+            f"{name} in {source} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if expected is float else value
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a --config file: a flat mapping of field names to values."""
+    source = Path(path)
+    try:
+        data = yaml.safe_load(source.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read --config {source}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"--config {source} is not valid YAML{where}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {source} must hold a mapping of flag names to values")
+    return {name: check_value(name, value, str(source)) for name, value in data.items()}
+
+
+POSITIVE = ("ipc", "num_exp", "num_eval", "eval_interval", "log_every", "batch_train", "trained_bs",
+            "net_num", "net_generate_interval", "net_push_num", "train_net_num", "outer_loop")
+NON_NEGATIVE = ("Iteration", "epoch_eval_train", "fetch_net_num", "model_train_steps", "net_begin")
+
+
+def validate(config: Config) -> None:
+    """Reject settings that cannot work, before any data is loaded."""
+    for name in POSITIVE:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name} must not be negative, got {getattr(config, name)}")
+    for name in ("lr_img", "lr_net"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(config, name)}")
+    if config.batch_real < 2:
+        raise ConfigError("--batch_real must be at least 2: the likelihood needs a feature std")
+    if config.im_size is not None and config.im_size < 2:
+        raise ConfigError(f"--im_size must be at least 2, got {config.im_size}")
+    if not 0 < config.test_fraction < 1:
+        raise ConfigError(f"--test_fraction must be between 0 and 1, got {config.test_fraction}")
+    for name, spec in FIELDS.items():
+        choices = spec.metadata["choices"]
+        if choices and getattr(config, name) not in choices:
+            raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
+    parse_strategy(config.dsa_strategy)
+    get_method(config.method)
+    if config.dataset not in dataset_names():
+        raise ConfigError(f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(dataset_names())}")
+    if config.model not in model_names():
+        raise ConfigError(f"unknown model {config.model!r}; valid models: {', '.join(model_names())}")
+    get_eval_pool(config.eval_mode, config.model)
+
+
+def validate_against_data(config: Config, class_sizes: list[int], im_size: tuple[int, int]) -> None:
+    """Checks that need the loaded dataset: class sizes and image side."""
+    smallest = min(class_sizes)
+    if config.ipc > smallest:
+        raise ConfigError(f"--ipc {config.ipc} is larger than the smallest class of {config.dataset} "
+                          f"({smallest} images); use --ipc {smallest} or less")
+    if smallest < 2:
+        raise ConfigError(f"a class of {config.dataset} has {smallest} image; every class needs at least 2 "
+                          "for the feature statistics")
+    if config.aug and (im_size[0] % 2 or im_size[1] % 2):
+        raise ConfigError(f"--aug needs an even image side to split into 2x2 mosaics, but {config.dataset} "
+                          f"images are {im_size[0]}x{im_size[1]}; use --no-aug (or an even --im_size)")

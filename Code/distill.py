@@ -1,0 +1,374 @@
+"""The distillation loop, with the reference's semantics (ALGORITHM.md).
+
+One experiment: initialise the synthetic set, then for every iteration
+
+1. evaluate (at positive multiples of eval_interval and at the last iteration),
+2. grow the network pool (every net_generate_interval iterations),
+3. pick train_net_num pool nets and, for each, take ONE step of the single
+   image optimiser per class, matching the features of a real batch and of
+   the class's synthetic images under one Siamese augmentation,
+4. train fetch_net_num pool nets on real batches.
+
+All randomness is drawn from generators derived from ``--seed``; loss terms
+and accuracy meters stay on the device and are read only at log points.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic, encode_mosaic
+from config import Config
+from data import Dataset, ImageSplit
+from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
+from methods import Method
+from networks import Network, get_eval_pool, get_network
+from outputs import RunDirectory
+from rng import make_generator
+
+INITIAL_POOL_SIZE = 3
+IPC1_KEEP = 2560
+
+
+class RealSampler:
+    """Random real batches, drawn on the data's device without per-sample loops."""
+
+    def __init__(self, split: ImageSplit, generator: torch.Generator) -> None:
+        self.split = split
+        self.generator = generator
+
+    def _shuffled(self, size: int) -> torch.Tensor:
+        return torch.randperm(size, generator=self.generator, device=self.generator.device)
+
+    def class_batch(self, c: int, n: int) -> torch.Tensor:
+        """n distinct images of class c (all of them when the class is smaller)."""
+        indices = self.split.class_indices[c]
+        return self.split.fetch(indices[self._shuffled(len(indices))[:n]])
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n distinct images drawn uniformly from the whole split, with labels."""
+        index = self._shuffled(len(self.split))[:n]
+        return self.split.fetch(index), self.split.labels[index]
+
+
+@dataclass
+class AccuracyMeter:
+    """A pool net's training accuracy since the last reset, as a device tensor."""
+
+    correct: torch.Tensor
+    count: int = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct = self.correct + (logits.argmax(dim=1) == labels).sum()
+        self.count += labels.numel()
+
+    def percent(self) -> torch.Tensor:
+        """Accuracy in percent, 0 when the meter has seen nothing (as the reference)."""
+        return self.correct * (100.0 / self.count) if self.count else torch.zeros_like(self.correct, dtype=torch.float)
+
+    def reset(self) -> None:
+        self.correct = torch.zeros_like(self.correct)
+        self.count = 0
+
+
+@dataclass
+class PoolNet:
+    net: Network
+    optimizer: torch.optim.Optimizer
+    meter: AccuracyMeter
+
+
+class NetPool:
+    """The reference's list of networks that grows, trains on real data and is sampled."""
+
+    def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.device = device
+        self.init_generator = make_generator(config.seed, *seed_key, "pool-init")
+        self.pick_generator = make_generator(config.seed, *seed_key, "pool-pick")
+        self.nets: list[PoolNet] = []
+
+    def _new_net(self) -> PoolNet:
+        d = self.dataset
+        net = get_network(self.config.model, d.channel, d.num_classes, d.im_size,
+                          generator=self.init_generator, device=self.device)
+        net.train()
+        if self.config.net_decay:
+            optimizer = torch.optim.SGD(net.parameters(), lr=self.config.lr_net, momentum=0.9, weight_decay=0.0005)
+        else:
+            optimizer = torch.optim.SGD(net.parameters(), lr=self.config.lr_net)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        return PoolNet(net, optimizer, AccuracyMeter(correct))
+
+    def push(self, count: int) -> None:
+        """Append ``count`` fresh nets, dropping the oldest once the pool is full."""
+        for _ in range(count):
+            if len(self.nets) == self.config.net_num:
+                self.nets.pop(0)
+            self.nets.append(self._new_net())
+
+    def _shuffled(self, candidates: list[int]) -> list[int]:
+        order = torch.randperm(len(candidates), generator=self.pick_generator).tolist()
+        return [candidates[i] for i in order]
+
+    def pick_for_images(self) -> list[PoolNet]:
+        """train_net_num distinct nets; from pool[net_begin:net_end] when that holds > 10."""
+        candidates = list(range(len(self.nets)))
+        window = candidates[self.config.net_begin:self.config.net_end]
+        if len(window) > 10:
+            candidates = window
+        return [self.nets[i] for i in self._shuffled(candidates)[:self.config.train_net_num]]
+
+    def train_on_real(self, sampler: RealSampler) -> None:
+        """Train fetch_net_num distinct nets for model_train_steps SGD steps each."""
+        chosen = self._shuffled(list(range(len(self.nets))))[:self.config.fetch_net_num]
+        for entry in (self.nets[i] for i in chosen):
+            entry.net.train()
+            for _ in range(self.config.model_train_steps):
+                images, labels = sampler.batch(self.config.trained_bs)
+                logits = entry.net(images)
+                loss = F.cross_entropy(logits, labels)
+                entry.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                entry.optimizer.step()
+                entry.meter.update(logits.detach(), labels)
+
+    def reset_meters(self) -> None:
+        for entry in self.nets:
+            entry.meter.reset()
+
+
+class SyntheticSet:
+    """The learnable images (mosaics when ``aug``) and their fixed labels."""
+
+    def __init__(self, images: torch.Tensor, num_classes: int, ipc: int, aug: bool) -> None:
+        self.images = images.detach().clone().requires_grad_(True)
+        self.ipc = ipc
+        self.aug = aug
+        self.labels = torch.arange(num_classes, device=images.device).repeat_interleave(ipc)
+
+    def class_batch(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images of class c (decoded to 4 ipc when aug), with gradient."""
+        span = slice(c * self.ipc, (c + 1) * self.ipc)
+        return self._decoded(self.images[span], self.labels[span])
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole decoded set, detached: what evaluation networks train on."""
+        return self._decoded(self.images.detach(), self.labels)
+
+    def _decoded(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (decode_mosaic(images), decode_labels(labels)) if self.aug else (images, labels)
+
+
+def initial_images(config: Config, dataset: Dataset, generator: torch.Generator) -> torch.Tensor:
+    """Random real images per class (four per mosaic with aug), or standard normal noise."""
+    if config.init == "noise":
+        shape = (dataset.num_classes * config.ipc, dataset.channel, *dataset.im_size)
+        return torch.randn(shape, generator=generator, device=generator.device)
+    sampler = RealSampler(dataset.train, generator)
+    per_class = []
+    for c in range(dataset.num_classes):
+        if config.aug:
+            per_class.append(encode_mosaic(*(sampler.class_batch(c, config.ipc) for _ in range(4))))
+        else:
+            per_class.append(sampler.class_batch(c, config.ipc))
+    return torch.cat(per_class)
+
+
+def image_optimizer(config: Config, images: torch.Tensor) -> torch.optim.Optimizer:
+    """ONE optimiser over the whole set: momentum carries across the per-class steps."""
+    if config.optim == "adam":
+        return torch.optim.Adam([images], lr=config.lr_img)
+    return torch.optim.SGD([images], lr=config.lr_img, momentum=0.5)
+
+
+@dataclass
+class LossLog:
+    """Sums of loss terms on the device since the last record; read at log points only."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    iterations: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            detached = value.detach().float()
+            self.sums[name] = self.sums[name] + detached if name in self.sums else detached
+        self.steps += 1
+
+    def record(self) -> dict[str, float]:
+        """Per-step averages and seconds per iteration; resets the log."""
+        averages = {name: total.item() / self.steps for name, total in self.sums.items()}
+        averages["s_per_iteration"] = (time.perf_counter() - self.started) / max(self.iterations, 1)
+        self.sums, self.steps, self.iterations, self.started = {}, 0, 0, time.perf_counter()
+        return averages
+
+
+@dataclass
+class BestOnTest:
+    """The set with the best training-model test accuracy seen so far in the run.
+
+    This selection uses the test set, so it is kept for convenience and always
+    labelled "best on test"; it is never the run's result.
+    """
+
+    mean: float = float("-inf")
+    experiment: int = -1
+    iteration: int = -1
+
+
+class Experiment:
+    """One distillation from initialisation to the final evaluation."""
+
+    def __init__(self, config: Config, method: Method, dataset: Dataset, run_dir: RunDirectory,
+                 index: int, device: torch.device, best: BestOnTest) -> None:
+        self.config, self.method, self.dataset, self.run_dir = config, method, dataset, run_dir
+        self.index, self.device, self.best = index, device, best
+        seed = config.seed
+        self.sampler = RealSampler(dataset.train, make_generator(seed, index, "real-batches", device=device))
+        init = initial_images(config, dataset, make_generator(seed, index, "init", device=device))
+        self.synset = SyntheticSet(init, dataset.num_classes, config.ipc, config.aug)
+        self.optimizer = image_optimizer(config, self.synset.images)
+        self.pool = NetPool(config, dataset, (index,), device)
+        param = ParamDiffAug(aug_mode=config.dsa_mode)
+        self.dsa = DSA(config.dsa_strategy, make_generator(seed, index, "dsa-choice"),
+                       make_generator(seed, index, "dsa-values", device=device), param)
+        self.protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net,
+                                     config.dsa_strategy, param)
+        self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
+        self.log = LossLog()
+
+    def run(self) -> dict[str, Any]:
+        """Distil and return {'final': accuracies per model, 'init': ... or None}."""
+        config = self.config
+        init = self.evaluate(0, final=True) if config.eval_init else None
+        final: dict[str, list[float]] = {}
+        self.pool.push(INITIAL_POOL_SIZE)
+        progress = tqdm(range(config.Iteration + 1), desc=f"exp {self.index}", unit="it", disable=None)
+        for it in progress:
+            if it == config.Iteration or (it > 0 and it % config.eval_interval == 0):
+                final = self.evaluate(it, final=it == config.Iteration)
+                self.pool.reset_meters()
+            if it == config.Iteration:
+                break
+            if it % config.net_generate_interval == 0:
+                self.pool.push(config.net_push_num)
+            nets = self.pool.pick_for_images()
+            for _ in range(config.outer_loop):
+                for entry in nets:
+                    self.update_images(entry)
+                self.pool.train_on_real(self.sampler)
+            self.log.iterations += 1
+            if it % config.log_every == 0:
+                self.write_log(it, progress)
+        return {"final": final, "init": init}
+
+    def update_images(self, entry: PoolNet) -> None:
+        """One image-optimiser step per class, matching features under ``entry.net``."""
+        config, net = self.config, entry.net
+        net.eval()
+        net.requires_grad_(False)  # only the images need gradients; saves the weight backward
+        ce_weight = config.ce_weight * entry.meter.percent() if config.syn_ce else None
+        for c in range(self.dataset.num_classes):
+            real = self.sampler.class_batch(c, config.batch_real)
+            syn, labels = self.synset.class_batch(c)
+            real, syn = self.dsa.siamese(real, syn)
+            with torch.no_grad():
+                real_features = self.real_features(net, real, c)
+            syn_features = net.embed(syn, config.embed_last)
+            match = self.method.loss(real_features, syn_features)
+            logits = net.classifier(syn_features) if net.embed_is_full(config.embed_last) else net(syn)
+            ce = F.cross_entropy(logits.float(), labels)
+            loss = match.total
+            if ce_weight is not None:
+                if self.ipc1_rules:
+                    ce = ce * (logits.argmax(dim=1)[0] != c)
+                loss = loss + ce_weight * ce
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+            self.log.add({"loss": loss, **match.terms, "syn_ce": ce, "syn_acc": accuracy})
+        net.requires_grad_(True)
+
+    def real_features(self, net: Network, real: torch.Tensor, c: int) -> torch.Tensor:
+        """Embeddings of the real batch; with the IPC-1 rules only its lowest-CE images."""
+        features = net.embed(real, self.config.embed_last)
+        if not self.ipc1_rules:
+            return features
+        logits = net.classifier(features) if net.embed_is_full(self.config.embed_last) else net(real)
+        targets = torch.full((len(real),), c, device=real.device)
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        keep = ce.topk(min(IPC1_KEEP, len(real)), largest=False).indices
+        return features[keep]
+
+    def write_log(self, iteration: int, progress: tqdm) -> None:
+        record = {"event": "train", "experiment": self.index, "iteration": iteration,
+                  **self.log.record(), "pool_size": len(self.pool.nets)}
+        self.run_dir.append_metrics(record)
+        progress.set_postfix(loss=f"{record['loss']:.4g}")
+        if progress.disable:
+            print(f"exp {self.index} it {iteration}: loss {record['loss']:.4f} "
+                  f"({record['s_per_iteration']:.2f} s/it, {len(self.pool.nets)} nets)", flush=True)
+
+    def eval_models(self, final: bool) -> list[str]:
+        """The whole eval pool at the final iteration, the distilled model before."""
+        if final:
+            return get_eval_pool(self.config.eval_mode, self.config.model)
+        return [self.config.model]
+
+    def evaluate(self, iteration: int, final: bool) -> dict[str, list[float]]:
+        """Evaluate the current set, save it with a PNG, and log the accuracies."""
+        started = time.perf_counter()
+        images, labels = self.synset.training_set()
+        accuracies = evaluate_set(images, labels, self.eval_models(final), self.config.num_eval, self.dataset,
+                                  self.protocol, self.config.seed, ("eval", self.index, iteration),
+                                  description=f"exp {self.index} eval it {iteration}")
+        seconds = time.perf_counter() - started
+        summary = {model: summarize(values) for model, values in accuracies.items()}
+        self.run_dir.append_metrics({"event": "eval", "experiment": self.index, "iteration": iteration,
+                                     "accuracies": accuracies, "summary": summary, "seconds": seconds})
+        for model, stats in summary.items():
+            print(f"exp {self.index} it {iteration}: {model} test accuracy "
+                  f"{stats['mean']:.2f} ± {stats['std']:.2f} % ({stats['n']} nets, {seconds:.0f} s)", flush=True)
+        self.save_set(iteration, summary)
+        if self.config.test_pool_nets:
+            self.test_pool_nets(iteration)
+        return accuracies
+
+    def save_set(self, iteration: int, summary: dict[str, Any]) -> None:
+        name = f"exp{self.index}_it{iteration:06d}"
+        meta = set_metadata(self.config, self.dataset, experiment=self.index, iteration=iteration, accuracy=summary)
+        stored = self.synset.images.detach()
+        self.run_dir.save_set(name, stored, self.synset.labels, meta)
+        self.run_dir.save_grid(name, self.dataset.denormalize(stored), nrow=self.config.ipc)
+        stats = summary.get(self.config.model)
+        if stats is not None and iteration > 0 and stats["mean"] > self.best.mean:
+            self.best.mean, self.best.experiment, self.best.iteration = stats["mean"], self.index, iteration
+            meta["selection"] = "best on test: chosen by test accuracy, not a result"
+            self.run_dir.save_set("best_on_test", stored, self.synset.labels, meta)
+
+    def test_pool_nets(self, iteration: int) -> None:
+        """Optional diagnostic of the reference: every pool net on the test set."""
+        accuracies = [test_accuracy(entry.net, self.dataset.test) for entry in self.pool.nets]
+        self.run_dir.append_metrics({"event": "pool_test", "experiment": self.index, "iteration": iteration,
+                                     "accuracies": accuracies})
+
+
+def set_metadata(config: Config, dataset: Dataset, **extra: Any) -> dict[str, Any]:
+    """What a saved set needs to be loaded, decoded and evaluated on its own."""
+    return {
+        "dataset": dataset.name, "method": config.method, "model": config.model, "ipc": config.ipc,
+        "aug": config.aug, "decoding": "mosaic_2x2" if config.aug else "none",
+        "num_classes": dataset.num_classes, "channel": dataset.channel, "im_size": list(dataset.im_size),
+        "mean": list(dataset.mean), "std": list(dataset.std), "zca": dataset.zca is not None,
+        "class_names": list(dataset.class_names), "seed": config.seed, **extra,
+    }

@@ -1,0 +1,113 @@
+"""Everything a run writes, in one directory, each file replaced atomically.
+
+Layout of ``<save_path>/<run_name>/``::
+
+    config.yaml        the resolved configuration
+    metrics.jsonl      one JSON record per logged iteration / evaluation
+    sets/*.pt          distilled sets (images, labels, metadata), torch.save
+    images/*.png       de-normalised grids of the stored images
+    results.json       the final accuracies
+
+Files are written to a temporary name in the same directory, flushed to disk,
+then renamed over the target, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torchvision.utils import save_image
+
+from errors import ConfigError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename ``tmp`` over ``path``; ``path`` is intact on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def ensure_writable(directory: Path) -> None:
+    """Fail early, with the fix, when runs cannot be saved under ``directory``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to --save_path {directory}: {error.strerror or error}; "
+            "choose a writable directory"
+        ) from None
+
+
+def default_run_name(config: Any) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{config.method}_{config.dataset}_ipc{config.ipc}_seed{config.seed}_{stamp}"
+
+
+class RunDirectory:
+    """The output folder of one run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, save_path: str | Path, run_name: str) -> "RunDirectory":
+        """Create a fresh folder; an existing name gets a numeric suffix, never overwritten."""
+        root = Path(save_path)
+        ensure_writable(root)
+        path, suffix = root / run_name, 1
+        while True:
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                suffix += 1
+                path = root / f"{run_name}_{suffix}"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line in a single write, so a crash cannot split a record."""
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> Path:
+        path = self.path / "sets" / f"{name}.pt"
+        payload = {"images": images.detach().cpu(), "labels": labels.detach().cpu(), "meta": meta}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return path
+
+    def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:
+        """A PNG grid of images already mapped to [0, 1] pixel space (clipped here)."""
+        path = self.path / "images" / f"{name}.png"
+        grid = pixels.detach().float().cpu().clamp(0.0, 1.0)
+        atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow, format="png"))
+        return path
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        path = self.path / "results.json"
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+        return path

@@ -1,0 +1,100 @@
+"""One distillation job from start to finish: data, experiments, results.
+
+``run`` resolves the device, loads the dataset onto it once, checks the
+settings against the data, creates the run directory and runs ``num_exp``
+experiments, then writes ``results.json`` and prints the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import Config, departures_from_reference, is_reduced_budget, resolve_device, validate_against_data
+from data import DataOptions, Dataset, get_dataset
+from distill import BestOnTest, Experiment
+from evaluation import summarize
+from methods import get_method
+from outputs import RunDirectory, default_run_name, ensure_writable
+
+
+def load_dataset(config: Config, device: torch.device) -> Dataset:
+    options = DataOptions(im_size=config.im_size, test_fraction=config.test_fraction, seed=config.seed, zca=config.zca)
+    return get_dataset(config.dataset, config.data_path, options).to(device)
+
+
+def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: RunDirectory) -> None:
+    print(f"{config.method.upper()} on {dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} "
+          f"training / {len(dataset.test)} test images, IPC {config.ipc}, device {device}", flush=True)
+    print(f"outputs: {run_dir.path}", flush=True)
+    departures = departures_from_reference(config)
+    if departures:
+        listed = ", ".join(f"{name} {d['used']} (published {d['published']})" for name, d in departures.items())
+        label = "REDUCED BUDGET" if is_reduced_budget(config) else "MODIFIED PROTOCOL"
+        print(f"{label}, not the paper protocol: {listed}", flush=True)
+
+
+def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
+    """Accuracies of every experiment pooled per model, with mean and std."""
+    pooled: dict[str, list[float]] = {}
+    for accuracies in per_experiment:
+        for model, values in accuracies.items():
+            pooled.setdefault(model, []).extend(values)
+    return {model: {**summarize(values), "accuracies": values} for model, values in pooled.items()}
+
+
+def assemble_results(config: Config, outcomes: list[dict[str, Any]], best: BestOnTest, device: torch.device,
+                     run_dir: RunDirectory, seconds: float) -> dict[str, Any]:
+    final = merge_accuracies([outcome["final"] for outcome in outcomes])
+    inits = [outcome["init"] for outcome in outcomes if outcome["init"] is not None]
+    result_model = config.model if config.model in final else next(iter(final))
+    return {
+        "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
+        "aug": config.aug, "seed": config.seed, "device": str(device),
+        "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
+        "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
+        "reduced_budget": is_reduced_budget(config), "departures_from_published": departures_from_reference(config),
+        "result": {"model": result_model, **{k: v for k, v in final[result_model].items() if k != "accuracies"}},
+        "final": final,
+        "init": merge_accuracies(inits) if inits else None,
+        "best_on_test": {
+            "note": "selected by test accuracy: a convenience, not a result",
+            "mean": best.mean if best.experiment >= 0 else None,
+            "experiment": best.experiment, "iteration": best.iteration,
+            "file": "sets/best_on_test.pt" if best.experiment >= 0 else None,
+        },
+        "run_dir": str(run_dir.path), "seconds": seconds,
+    }
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    budget = " (reduced budget)" if results["reduced_budget"] else ""
+    for model, stats in results["final"].items():
+        print(f"final{budget}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets", flush=True)
+    for model, stats in (results["init"] or {}).items():
+        print(f"initial set (the real images it started from): {model} {stats['mean']:.2f} ± {stats['std']:.2f} % "
+              f"over {stats['n']} nets", flush=True)
+    print(f"results: {Path(results['run_dir']) / 'results.json'}", flush=True)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Distil ``config.dataset`` as configured and return the results written to results.json."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    method = get_method(config.method)
+    ensure_writable(Path(config.save_path))
+    dataset = load_dataset(config, device)
+    validate_against_data(config, dataset.train.class_sizes(), dataset.im_size)
+    run_dir = RunDirectory.create(config.save_path, config.run_name or default_run_name(config))
+    run_dir.write_config(config.to_dict())
+    announce(config, dataset, device, run_dir)
+    best = BestOnTest()
+    outcomes = [Experiment(config, method, dataset, run_dir, index, device, best).run()
+                for index in range(config.num_exp)]
+    results = assemble_results(config, outcomes, best, device, run_dir, time.perf_counter() - started)
+    run_dir.write_results(results)
+    print_summary(results)
+    return results
