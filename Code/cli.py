@@ -31,7 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
 def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
     spec = FIELDS[name]
     kind = FIELD_TYPES[name]
-    help_text = f"{spec.metadata['help']} (default: %(default)s)"
+    help_text = spec.metadata["help"] + ("" if spec.default is None else " (default: %(default)s)")
     if kind is bool:
         group.add_argument(f"--{name}", dest=name, action="store_true", help=help_text)
         group.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)

@@ -47,18 +47,24 @@ def total_variation(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
     return 0.5 * (syn.mean(dim=0) - real.mean(dim=0)).abs().sum()
 
 
+def clip_distance(p_syn: torch.Tensor, p_real: torch.Tensor) -> torch.Tensor:
+    """The reference's clip function of two probability vectors.
+
+    u = (mean(p_syn) - mean(p_real)) / std(p_real), penalised outside [0, 1].
+    The denominator is floored at the smallest normal float so that a flat
+    p_real (std 0) gives 0 rather than 0/0.
+    """
+    u = (p_syn.mean() - p_real.mean()) / p_real.std().clamp_min(torch.finfo(p_real.dtype).tiny)
+    return (u - u.clamp(0.0, 1.0)).square()
+
+
 def clip_term(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
-    """The reference's clip term on softmaxed mean features.
+    """The clip term on the softmaxed mean features.
 
     Softmax entries always average to 1/D, so the numerator is zero up to
     rounding and the term is ~0 by construction; it is kept for fidelity.
-    The denominator is floored at the smallest normal float so that a flat
-    real mean (std 0) gives 0 rather than 0/0.
     """
-    p_real = F.softmax(real.mean(dim=0), dim=-1)
-    p_syn = F.softmax(syn.mean(dim=0), dim=-1)
-    u = (p_syn.mean() - p_real.mean()) / p_real.std().clamp_min(torch.finfo(p_real.dtype).tiny)
-    return (u - u.clamp(0.0, 1.0)).square()
+    return clip_distance(F.softmax(syn.mean(dim=0), dim=-1), F.softmax(real.mean(dim=0), dim=-1))
 
 
 def bacon_loss(real: torch.Tensor, syn: torch.Tensor) -> MatchLoss:

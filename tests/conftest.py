@@ -1,7 +1,16 @@
-"""Make the modules in Code/ importable the way the entry scripts import them."""
+"""Code/ on the import path (as the entry scripts see it) and shared fixtures."""
 
 import sys
 from pathlib import Path
 
-CODE_DIR = Path(__file__).resolve().parent.parent / "Code"
-sys.path.insert(0, str(CODE_DIR))
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
+
+from helpers import write_image_folder  # noqa: E402  (needs the path above)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 10 generated 16x16 RGB images, split 80/20 by the loader."""
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
