@@ -53,7 +53,7 @@ class Config:
     device: str = option("auto", "auto = cuda when available, else cpu", RUN, ("auto", "cpu", "cuda"))
     data_path: str = option(str(REPO_ROOT / "data"), "where datasets are found or downloaded", RUN)
     save_path: str = option(str(REPO_ROOT / "results"), "directory that receives one folder per run", RUN)
-    run_name: str = option("", "run folder name (default: method_dataset_ipcN_seedS_time)", RUN)
+    run_name: str | None = option(None, "run folder name (unset: method_dataset_ipcN_seedS_time)", RUN)
     num_exp: int = option(5, "independent distillations (experiments)", RUN)
     Iteration: int = option(20000, "distillation iterations per experiment", RUN)
     eval_interval: int = option(100, "evaluate at every positive multiple of this (and at the end)", RUN)
