@@ -110,9 +110,6 @@ class Config:
     aug_num: int = option(1, "must be 1", COMPAT, (1,))
     ij_selection: str = option("random", "must be random", COMPAT, ("random",))
 
-    def replace(self, **changes: Any) -> "Config":
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -204,6 +204,13 @@ class LossLog:
             self.sums[name] = self.sums[name] + detached if name in self.sums else detached
         self.steps += 1
 
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside image updates and pool training (evaluation) out of s/iteration."""
+        self.started += seconds
+
     def record(self) -> dict[str, float]:
         """Per-step averages and seconds per iteration; resets the log."""
         averages = {name: total.item() / self.steps for name, total in self.sums.items()}
@@ -253,6 +260,7 @@ class Experiment:
         final: dict[str, list[float]] = {}
         self.pool.push(INITIAL_POOL_SIZE)
         progress = tqdm(range(config.Iteration + 1), desc=f"exp {self.index}", unit="it", disable=None)
+        self.log.restart_clock()
         for it in progress:
             if it == config.Iteration or (it > 0 and it % config.eval_interval == 0):
                 final = self.evaluate(it, final=it == config.Iteration)
@@ -333,6 +341,7 @@ class Experiment:
                                   self.protocol, self.config.seed, ("eval", self.index, iteration),
                                   description=f"exp {self.index} eval it {iteration}")
         seconds = time.perf_counter() - started
+        self.log.exclude(seconds)
         summary = {model: summarize(values) for model, values in accuracies.items()}
         self.run_dir.append_metrics({"event": "eval", "experiment": self.index, "iteration": iteration,
                                      "accuracies": accuracies, "summary": summary, "seconds": seconds})

@@ -74,7 +74,7 @@ class RunDirectory:
     def create(cls, save_path: str | Path, run_name: str) -> "RunDirectory":
         """Create a fresh folder; an existing name gets a numeric suffix, never overwritten."""
         root = Path(save_path)
-        ensure_writable(root)
+        root.mkdir(parents=True, exist_ok=True)
         path, suffix = root / run_name, 1
         while True:
             try:
