@@ -19,6 +19,7 @@ import yaml
 from config import FIELD_TYPES, FIELDS, Config, load_yaml_config, protocol_defaults, validate
 from errors import BaconError
 from pipeline import run
+from runtime import keep_freed_memory
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -91,6 +92,7 @@ def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], 
 def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> int:
     """Entry point of the BACON_*.py scripts; returns the process exit code."""
     prog = Path(sys.argv[0]).name or "BACON"
+    keep_freed_memory()
     try:
         config, print_only = resolve_config(argv, script_defaults, prog)
         if print_only:

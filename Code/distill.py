@@ -266,6 +266,8 @@ class Experiment:
                 final = self.evaluate(it, final=it == config.Iteration)
                 self.pool.reset_meters()
             if it == config.Iteration:
+                if self.log.steps:
+                    self.write_log(it - 1, progress)  # the iterations since the last record
                 break
             if it % config.net_generate_interval == 0:
                 self.pool.push(config.net_push_num)

@@ -35,6 +35,7 @@ from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
 from config import resolve_device  # noqa: E402
 from rng import make_generator  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--data_path", default=None)
     args = parser.parse_args()
+    keep_freed_memory()
 
     argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device]
     config, _ = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {})
