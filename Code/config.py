@@ -241,7 +241,10 @@ def validate(config: Config) -> None:
         if choices and getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
     parse_strategy(config.dsa_strategy)
-    get_method(config.method)
+    method = get_method(config.method)
+    if config.syn_ce and not method.network_pool:
+        raise ConfigError(f"--syn_ce weights by a trained network's accuracy, and {config.method} trains none; "
+                          "drop --syn_ce")
     if config.dataset not in dataset_names():
         raise ConfigError(f"unknown dataset {config.dataset!r}; valid datasets: {', '.join(dataset_names())}")
     if config.model not in model_names():

@@ -9,6 +9,9 @@ One experiment: initialise the synthetic set, then for every iteration
    the class's synthetic images under one Siamese augmentation,
 4. train fetch_net_num pool nets on real batches.
 
+Methods without a network pool (DM) replace steps 2-4 by one image step that
+matches every class under a fresh, untrained random network.
+
 All randomness is drawn from generators derived from ``--seed``; loss terms
 and accuracy meters stay on the device and are read only at log points.
 """
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic, encode_mosaic
-from config import Config
+from config import Config, is_reduced_budget
 from data import Dataset, ImageSplit
 from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
 from methods import Method
@@ -95,11 +98,15 @@ class NetPool:
         self.pick_generator = make_generator(config.seed, *seed_key, "pool-pick")
         self.nets: list[PoolNet] = []
 
-    def _new_net(self) -> PoolNet:
+    def fresh_network(self) -> Network:
+        """A randomly initialised network of ``--model`` (train mode)."""
         d = self.dataset
         net = get_network(self.config.model, d.channel, d.num_classes, d.im_size,
                           generator=self.init_generator, device=self.device)
-        net.train()
+        return net.train()
+
+    def _new_net(self) -> PoolNet:
+        net = self.fresh_network()
         if self.config.net_decay:
             optimizer = torch.optim.SGD(net.parameters(), lr=self.config.lr_net, momentum=0.9, weight_decay=0.0005)
         else:
@@ -258,7 +265,8 @@ class Experiment:
         config = self.config
         init = self.evaluate(0, final=True) if config.eval_init else None
         final: dict[str, list[float]] = {}
-        self.pool.push(INITIAL_POOL_SIZE)
+        if self.method.network_pool:
+            self.pool.push(INITIAL_POOL_SIZE)
         progress = tqdm(range(config.Iteration + 1), desc=f"exp {self.index}", unit="it", disable=None)
         self.log.restart_clock()
         for it in progress:
@@ -269,17 +277,46 @@ class Experiment:
                 if self.log.steps:
                     self.write_log(it - 1, progress)  # the iterations since the last record
                 break
-            if it % config.net_generate_interval == 0:
-                self.pool.push(config.net_push_num)
-            nets = self.pool.pick_for_images()
-            for _ in range(config.outer_loop):
-                for entry in nets:
-                    self.update_images(entry)
-                self.pool.train_on_real(self.sampler)
+            if self.method.network_pool:
+                self.pool_iteration(it)
+            else:
+                self.update_images_with_fresh_network()
             self.log.iterations += 1
             if it % config.log_every == 0:
                 self.write_log(it, progress)
         return {"final": final, "init": init}
+
+    def pool_iteration(self, it: int) -> None:
+        """Grow the pool on schedule, update the images under picked nets, train the pool."""
+        config = self.config
+        if it % config.net_generate_interval == 0:
+            self.pool.push(config.net_push_num)
+        nets = self.pool.pick_for_images()
+        for _ in range(config.outer_loop):
+            for entry in nets:
+                self.update_images(entry)
+            self.pool.train_on_real(self.sampler)
+
+    def update_images_with_fresh_network(self) -> None:
+        """DM: one image step on the loss summed over classes, under a new untrained network."""
+        net = self.pool.fresh_network().requires_grad_(False)
+        reals, syns = [], []
+        for c in range(self.dataset.num_classes):
+            real = self.sampler.class_batch(c, self.config.batch_real)
+            syn, _ = self.synset.class_batch(c)
+            real, syn = self.dsa.siamese(real, syn)
+            reals.append(real)
+            syns.append(syn)
+        with torch.no_grad():
+            real_features = embed_per_class(net, reals, self.config.embed_last)
+        syn_features = embed_per_class(net, syns, self.config.embed_last)
+        matches = [self.method.loss(r, s) for r, s in zip(real_features, syn_features)]
+        loss = torch.stack([match.total for match in matches]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        terms = {name: torch.stack([m.terms[name] for m in matches]).sum() for name in matches[0].terms}
+        self.log.add({"loss": loss, **terms})
 
     def update_images(self, entry: PoolNet) -> None:
         """One image-optimiser step per class, matching features under ``entry.net``."""
@@ -321,13 +358,15 @@ class Experiment:
         return features[keep]
 
     def write_log(self, iteration: int, progress: tqdm) -> None:
-        record = {"event": "train", "experiment": self.index, "iteration": iteration,
-                  **self.log.record(), "pool_size": len(self.pool.nets)}
+        record = {"event": "train", "experiment": self.index, "iteration": iteration, **self.log.record()}
+        pool = f", {len(self.pool.nets)} nets" if self.method.network_pool else ""
+        if self.method.network_pool:
+            record["pool_size"] = len(self.pool.nets)
         self.run_dir.append_metrics(record)
         progress.set_postfix(loss=f"{record['loss']:.4g}")
         if progress.disable:
             print(f"exp {self.index} it {iteration}: loss {record['loss']:.4f} "
-                  f"({record['s_per_iteration']:.2f} s/it, {len(self.pool.nets)} nets)", flush=True)
+                  f"({record['s_per_iteration']:.2f} s/it{pool})", flush=True)
 
     def eval_models(self, final: bool) -> list[str]:
         """The whole eval pool at the final iteration, the distilled model before."""
@@ -374,6 +413,14 @@ class Experiment:
                                      "accuracies": accuracies})
 
 
+def embed_per_class(net: Network, batches: list[torch.Tensor], last: int) -> list[torch.Tensor]:
+    """Embeddings of each class's batch: one joint pass when BatchNorm's batch statistics
+    must span all classes (as in DM's reference), else one pass per class (less memory)."""
+    if any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in net.modules()):
+        return list(net.embed(torch.cat(batches), last).split([len(b) for b in batches]))
+    return [net.embed(batch, last) for batch in batches]
+
+
 def set_metadata(config: Config, dataset: Dataset, **extra: Any) -> dict[str, Any]:
     """What a saved set needs to be loaded, decoded and evaluated on its own."""
     return {
@@ -381,5 +428,6 @@ def set_metadata(config: Config, dataset: Dataset, **extra: Any) -> dict[str, An
         "aug": config.aug, "decoding": "mosaic_2x2" if config.aug else "none",
         "num_classes": dataset.num_classes, "channel": dataset.channel, "im_size": list(dataset.im_size),
         "mean": list(dataset.mean), "std": list(dataset.std), "zca": dataset.zca is not None,
-        "class_names": list(dataset.class_names), "seed": config.seed, **extra,
+        "class_names": list(dataset.class_names), "seed": config.seed, "iterations": config.Iteration,
+        "reduced_budget": is_reduced_budget(config), **extra,
     }
