@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -40,19 +40,24 @@ def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
         group.add_argument(f"--{name}", dest=name, type=kind, choices=spec.metadata["choices"], help=help_text)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Flags for the named Config fields, grouped by purpose, defaulting to the field defaults."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in names:
+        group_name = FIELDS[name].metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        _add_flag(groups[group_name], name)
+        parser.set_defaults(**{name: FIELDS[name].default})
+
+
 def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
     """All flags of Config, grouped by purpose, with ``defaults`` as their effective defaults."""
     parser = OneLineParser(prog=prog, allow_abbrev=False,
                            description="Distil a dataset with BACON, IDM or DM. Booleans have --no-NAME forms.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, spec in FIELDS.items():
-        group_name = spec.metadata["group"]
-        if group_name not in groups:
-            groups[group_name] = parser.add_argument_group(group_name)
-        _add_flag(groups[group_name], name)
-    parser.set_defaults(**{name: spec.default for name, spec in FIELDS.items()})
+    add_config_flags(parser, FIELDS)
     parser.set_defaults(**defaults)
     return parser
 

@@ -46,28 +46,29 @@ def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, 
     return {model: {**summarize(values), "accuracies": values} for model, values in pooled.items()}
 
 
-def assemble_results(config: Config, outcomes: list[dict[str, Any]], best: BestOnTest, device: torch.device,
-                     run_dir: RunDirectory, seconds: float) -> dict[str, Any]:
-    final = merge_accuracies([outcome["final"] for outcome in outcomes])
-    inits = [outcome["init"] for outcome in outcomes if outcome["init"] is not None]
+def results_record(config: Config, final: dict[str, dict[str, Any]], device: torch.device,
+                   run_dir: RunDirectory, seconds: float, **overrides: Any) -> dict[str, Any]:
+    """The results.json schema shared by distillation runs and evaluate.py; ``overrides``
+    replace what the config alone cannot say (e.g. the method of an evaluated set)."""
     result_model = config.model if config.model in final else next(iter(final))
-    return {
+    record = {
         "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
         "aug": config.aug, "seed": config.seed, "device": str(device),
         "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
         "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
         "reduced_budget": is_reduced_budget(config), "departures_from_published": departures_from_reference(config),
         "result": {"model": result_model, **{k: v for k, v in final[result_model].items() if k != "accuracies"}},
-        "final": final,
-        "init": merge_accuracies(inits) if inits else None,
-        "best_on_test": {
-            "note": "selected by test accuracy: a convenience, not a result",
-            "mean": best.mean if best.experiment >= 0 else None,
-            "experiment": best.experiment, "iteration": best.iteration,
-            "file": "sets/best_on_test.pt" if best.experiment >= 0 else None,
-        },
+        "final": final, "init": None, "best_on_test": None,
         "run_dir": str(run_dir.path), "seconds": seconds,
     }
+    return {**record, **overrides}
+
+
+def best_on_test_record(best: BestOnTest) -> dict[str, Any]:
+    found = best.experiment >= 0
+    return {"note": "selected by test accuracy: a convenience, not a result", "mean": best.mean if found else None,
+            "experiment": best.experiment, "iteration": best.iteration,
+            "file": "sets/best_on_test.pt" if found else None}
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -94,7 +95,10 @@ def run(config: Config) -> dict[str, Any]:
     best = BestOnTest()
     outcomes = [Experiment(config, method, dataset, run_dir, index, device, best).run()
                 for index in range(config.num_exp)]
-    results = assemble_results(config, outcomes, best, device, run_dir, time.perf_counter() - started)
+    inits = [outcome["init"] for outcome in outcomes if outcome["init"] is not None]
+    results = results_record(config, merge_accuracies([outcome["final"] for outcome in outcomes]), device, run_dir,
+                             time.perf_counter() - started, init=merge_accuracies(inits) if inits else None,
+                             best_on_test=best_on_test_record(best))
     run_dir.write_results(results)
     print_summary(results)
     return results

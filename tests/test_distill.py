@@ -75,7 +75,7 @@ def test_a_run_writes_every_output(image_folder: Path, tmp_path: Path) -> None:
 def test_the_same_seed_gives_bit_identical_sets_and_accuracies(image_folder: Path, tmp_path: Path) -> None:
     first = run(tiny_config(image_folder, tmp_path, run_name="a", num_exp=1))
     second = run(tiny_config(image_folder, tmp_path, run_name="b", num_exp=1))
-    other = run(tiny_config(image_folder, tmp_path, run_name="c", num_exp=1, seed=1))
+    run(tiny_config(image_folder, tmp_path, run_name="c", num_exp=1, seed=1))
     set_a = load_set(tmp_path / "a" / "sets" / "exp0_it000004.pt")["images"]
     set_b = load_set(tmp_path / "b" / "sets" / "exp0_it000004.pt")["images"]
     set_c = load_set(tmp_path / "c" / "sets" / "exp0_it000004.pt")["images"]
