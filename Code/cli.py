@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from config import FIELD_TYPES, FIELDS, Config, load_yaml_config, protocol_defaults, validate
-from errors import BaconError
+from errors import exit_code_of
 from pipeline import run
 from runtime import keep_freed_memory
 
@@ -98,13 +98,12 @@ def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> 
     """Entry point of the BACON_*.py scripts; returns the process exit code."""
     prog = Path(sys.argv[0]).name or "BACON"
     keep_freed_memory()
-    try:
+
+    def distil() -> None:
         config, print_only = resolve_config(argv, script_defaults, prog)
         if print_only:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-            return 0
-        run(config)
-    except BaconError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+        else:
+            run(config)
+
+    return exit_code_of(prog, distil)

@@ -27,7 +27,7 @@ from cli import OneLineParser, add_config_flags
 from config import Config, departures_from_reference, resolve_device, validate
 from data import Dataset
 from distill import RealSampler
-from errors import BaconError, ConfigError, DataError
+from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
 from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
@@ -256,12 +256,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
-    try:
-        evaluate(argv)
-    except BaconError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+    return exit_code_of("evaluate.py", lambda: evaluate(argv))
 
 
 if __name__ == "__main__":

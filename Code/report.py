@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import yaml  # noqa: E402
 
-from errors import BaconError, ConfigError, DataError  # noqa: E402
+from errors import ConfigError, DataError, exit_code_of  # noqa: E402
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "configs" / "paper_results.yaml"
 METHOD_ORDER = ("bacon", "idm", "dm", "random_real", "whole_train")
@@ -168,12 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (searched recursively) or results.json files")
     parser.add_argument("--out", default=".", help="directory for report.md, report.csv and the plot")
     args = parser.parse_args(argv)
-    try:
-        report(args.runs, Path(args.out))
-    except BaconError as error:
-        print(f"report.py: error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+    return exit_code_of("report.py", lambda: report(args.runs, Path(args.out)))
 
 
 if __name__ == "__main__":
