@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
 
-from config import FIELD_TYPES, FIELDS, Config, load_yaml_config, protocol_defaults, validate
-from errors import exit_code_of
+from checkpoint import Checkpoint, load_checkpoint
+from config import (FIELD_TYPES, FIELDS, RESUME_MAY_CHANGE, Config, load_yaml_config, protocol_defaults,
+                    validate)
+from errors import ConfigError, exit_code_of
 from pipeline import run
-from runtime import keep_freed_memory
+from runtime import keep_freed_memory, stopping_on_signals
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,20 +60,34 @@ def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
                            description="Distil a dataset with BACON, IDM or DM. Booleans have --no-NAME forms.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, with "
+                        "its saved settings")
     add_config_flags(parser, FIELDS)
     parser.set_defaults(**defaults)
     return parser
 
 
-def _layered_defaults(argv: Sequence[str], script_defaults: dict[str, Any], prog: str) -> dict[str, Any]:
-    """Defaults below the command line: script, published row, method, --config file."""
+@dataclass
+class Invocation:
+    """What a command line asks for: the settings, and whether to print them or resume a run."""
+
+    config: Config
+    print_only: bool = False
+    resume: Checkpoint | None = None
+
+
+def _prescan(argv: Sequence[str], prog: str) -> argparse.Namespace:
+    """The flags that decide the other flags' defaults."""
     pre = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    pre.add_argument("--dataset")
+    for flag in ("--config", "--dataset", "--method", "--resume"):
+        pre.add_argument(flag)
     pre.add_argument("--ipc", type=int)
-    pre.add_argument("--method")
-    known, _ = pre.parse_known_args(argv)
-    from_file = load_yaml_config(known.config) if known.config else {}
+    return pre.parse_known_args(argv)[0]
+
+
+def _layered_defaults(known: argparse.Namespace, from_file: dict[str, Any],
+                      script_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Defaults below the command line: script, published row, method, --config file."""
 
     def choose(name: str) -> Any:
         for source in (vars(known), from_file, script_defaults):
@@ -82,16 +99,29 @@ def _layered_defaults(argv: Sequence[str], script_defaults: dict[str, Any], prog
     return {**script_defaults, **protocol, **from_file}
 
 
-def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], prog: str = "BACON") -> tuple[Config, bool]:
-    """Parse ``argv`` into a validated Config; also whether --print_config was given."""
+def _refuse_changes(saved: dict[str, Any], config: Config) -> None:
+    changed = [name for name in FIELDS if name not in RESUME_MAY_CHANGE and saved.get(name) != getattr(config, name)]
+    if changed:
+        raise ConfigError("--resume continues a run with its saved settings; "
+                          f"{', '.join('--' + name for name in changed)} would change its result: drop them")
+
+
+def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], prog: str = "BACON") -> Invocation:
+    """Parse ``argv`` into a validated Config (the checkpoint's, with --resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog, _layered_defaults(argv, script_defaults, prog))
-    values = vars(parser.parse_args(argv))
-    values.pop("config")
+    known = _prescan(argv, prog)
+    from_file = load_yaml_config(known.config) if known.config else {}
+    resume = load_checkpoint(known.resume) if known.resume else None
+    defaults = {**resume.config, **from_file} if resume else _layered_defaults(known, from_file, script_defaults)
+    values = vars(build_parser(prog, defaults).parse_args(argv))
     print_only = values.pop("print_config")
+    for cli_only in ("config", "resume"):
+        values.pop(cli_only)
     config = Config(**values)
     validate(config)
-    return config, print_only
+    if resume is not None:
+        _refuse_changes(resume.config, config)
+    return Invocation(config, print_only, resume)
 
 
 def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> int:
@@ -100,10 +130,11 @@ def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> 
     keep_freed_memory()
 
     def distil() -> None:
-        config, print_only = resolve_config(argv, script_defaults, prog)
-        if print_only:
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        invocation = resolve_config(argv, script_defaults, prog)
+        if invocation.print_only:
+            print(yaml.safe_dump(invocation.config.to_dict(), sort_keys=False), end="")
         else:
-            run(config)
+            run(invocation.config, invocation.resume)
 
-    return exit_code_of(prog, distil)
+    with stopping_on_signals():
+        return exit_code_of(prog, distil)

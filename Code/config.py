@@ -58,6 +58,8 @@ class Config:
     Iteration: int = option(20000, "distillation iterations per experiment", RUN)
     eval_interval: int = option(100, "evaluate at every positive multiple of this (and at the end)", RUN)
     log_every: int = option(10, "iterations between metric records", RUN)
+    checkpoint_every: int = option(0, "iterations between checkpoints (also at every evaluation); 0 = whenever "
+                                   "10 minutes of work have passed", RUN)
 
     init: str = option("real", "initialise from random real images or from noise", SYNSET, ("real", "noise"))
     aug: bool = option(True, "multi-formation: each stored image is a 2x2 mosaic decoded to 4", SYNSET)
@@ -150,7 +152,9 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
-NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "eval_init", "test_pool_nets"}
+NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
+                "test_pool_nets", "im_size", "test_fraction"}
+RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets"}
 
 
 def departures_from_reference(config: Config) -> dict[str, dict[str, Any]]:
@@ -216,7 +220,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 
 POSITIVE = ("ipc", "num_exp", "num_eval", "eval_interval", "log_every", "batch_train", "trained_bs",
             "net_num", "net_generate_interval", "net_push_num", "train_net_num", "outer_loop")
-NON_NEGATIVE = ("Iteration", "epoch_eval_train", "fetch_net_num", "model_train_steps", "net_begin")
+NON_NEGATIVE = ("Iteration", "epoch_eval_train", "fetch_net_num", "model_train_steps", "net_begin", "checkpoint_every")
 
 
 def validate(config: Config) -> None:

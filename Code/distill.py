@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,30 @@ from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
 from methods import Method
 from networks import Network, get_eval_pool, get_network
 from outputs import RunDirectory
+from errors import NonFiniteError
 from rng import make_generator
+from runtime import STOP
 
 INITIAL_POOL_SIZE = 3
 IPC1_KEEP = 2560
+
+
+class CheckpointSink(Protocol):
+    """Where an experiment saves its state (checkpoint.Checkpoints)."""
+
+    def save(self, experiment: "Experiment") -> None: ...
+
+    def save_if_due(self, experiment: "Experiment", iterations_done: int) -> None: ...
+
+
+class NoCheckpoints:
+    """A sink that saves nothing: experiments run outside a run directory's lifecycle (benchmarks, tests)."""
+
+    def save(self, experiment: "Experiment") -> None:
+        pass
+
+    def save_if_due(self, experiment: "Experiment", iterations_done: int) -> None:
+        pass
 
 
 class RealSampler:
@@ -133,7 +153,7 @@ class NetPool:
             candidates = window
         return [self.nets[i] for i in self._shuffled(candidates)[:self.config.train_net_num]]
 
-    def train_on_real(self, sampler: RealSampler) -> None:
+    def train_on_real(self, sampler: RealSampler, watch: FiniteWatch | None = None) -> None:
         """Train fetch_net_num distinct nets for model_train_steps SGD steps each."""
         chosen = self._shuffled(list(range(len(self.nets))))[:self.config.fetch_net_num]
         for entry in (self.nets[i] for i in chosen):
@@ -142,6 +162,8 @@ class NetPool:
                 images, labels = sampler.batch(self.config.trained_bs)
                 logits = entry.net(images)
                 loss = F.cross_entropy(logits, labels)
+                if watch is not None:
+                    watch.check(-1, "pool_ce", loss)
                 entry.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 entry.optimizer.step()
@@ -150,6 +172,25 @@ class NetPool:
     def reset_meters(self) -> None:
         for entry in self.nets:
             entry.meter.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nets": [{"net": e.net.state_dict(), "optimizer": e.optimizer.state_dict(),
+                      "correct": e.meter.correct, "count": e.meter.count} for e in self.nets],
+            "init_generator": self.init_generator.get_state(), "pick_generator": self.pick_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the saved nets; generator states are restored last (building draws from them)."""
+        self.nets = []
+        for saved in state["nets"]:
+            entry = self._new_net()
+            entry.net.load_state_dict(saved["net"])
+            entry.optimizer.load_state_dict(saved["optimizer"])
+            entry.meter.correct, entry.meter.count = saved["correct"].to(self.device), saved["count"]
+            self.nets.append(entry)
+        self.init_generator.set_state(state["init_generator"])
+        self.pick_generator.set_state(state["pick_generator"])
 
 
 class SyntheticSet:
@@ -218,12 +259,54 @@ class LossLog:
         """Leave time spent outside image updates and pool training (evaluation) out of s/iteration."""
         self.started += seconds
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "steps": self.steps, "iterations": self.iterations}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {name: total.to(device) for name, total in state["sums"].items()}
+        self.steps, self.iterations = state["steps"], state["iterations"]
+
     def record(self) -> dict[str, float]:
         """Per-step averages and seconds per iteration; resets the log."""
         averages = {name: total.item() / self.steps for name, total in self.sums.items()}
         averages["s_per_iteration"] = (time.perf_counter() - self.started) / max(self.iterations, 1)
         self.sums, self.steps, self.iterations, self.started = {}, 0, 0, time.perf_counter()
         return averages
+
+
+class FiniteWatch:
+    """Remembers, on the device, the first loss, gradient or image that was NaN or inf.
+
+    Checking costs a few tiny kernels per step and no host sync; the flag is
+    read only at log, evaluation and checkpoint points, which then stop the run
+    before anything non-finite is evaluated or checkpointed.
+    """
+
+    TERMS = ("loss", "nll", "tv", "clip", "mean_distance", "syn_ce", "gradient", "image", "pool_ce")
+
+    def __init__(self, device: torch.device, experiment: int) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.experiment = experiment
+        self.iteration = 0
+
+    def check(self, c: int, term: str, value: torch.Tensor) -> None:
+        """Record (iteration, class c, term) if ``value`` has a non-finite entry; c = -1: all classes."""
+        code = (self.iteration * 100_000 + (c + 1)) * len(self.TERMS) + self.TERMS.index(term)
+        bad = ~torch.isfinite(value.detach()).all()
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, code), self.first)
+
+    def raise_if_bad(self) -> None:
+        code = int(self.first)
+        if code < 0:
+            return
+        where, term = divmod(code, len(self.TERMS))
+        iteration, c = divmod(where, 100_000)
+        scope = "pool training" if self.TERMS[term] == "pool_ce" else (
+            "all classes" if c == 0 else f"class {c - 1}")
+        raise NonFiniteError(
+            f"the {self.TERMS[term]} became NaN or inf at experiment {self.experiment}, iteration {iteration}, "
+            f"{scope}; nothing after it was saved (the last checkpoint and sets hold finite values); "
+            "lower --lr_img or --lr_net and start again")
 
 
 @dataclass
@@ -259,32 +342,82 @@ class Experiment:
                                      config.dsa_strategy, param)
         self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
         self.log = LossLog()
+        self.health = FiniteWatch(device, index)
+        self.started = False  # initial evaluation done and initial pool built
+        self.next_iteration = 0
+        self.evaluated_at = -1
+        self.init: dict[str, list[float]] | None = None
+        self.final: dict[str, list[float]] = {}
 
-    def run(self) -> dict[str, Any]:
-        """Distil and return {'final': accuracies per model, 'init': ... or None}."""
+    def is_evaluation_point(self, it: int) -> bool:
+        return it == self.config.Iteration or (it > 0 and it % self.config.eval_interval == 0)
+
+    def run(self, checkpoints: CheckpointSink = NoCheckpoints()) -> dict[str, Any]:
+        """Distil (from the start or from a loaded state) and return {'final': ..., 'init': ...}.
+
+        Between iterations it honours a stop request (SIGINT/SIGTERM) by raising
+        ``Interrupted`` with the state at an iteration boundary, ready to save.
+        """
         config = self.config
-        init = self.evaluate(0, final=True) if config.eval_init else None
-        final: dict[str, list[float]] = {}
-        if self.method.network_pool:
-            self.pool.push(INITIAL_POOL_SIZE)
-        progress = tqdm(range(config.Iteration + 1), desc=f"exp {self.index}", unit="it", disable=None)
-        self.log.restart_clock()
-        for it in progress:
-            if it == config.Iteration or (it > 0 and it % config.eval_interval == 0):
-                final = self.evaluate(it, final=it == config.Iteration)
-                self.pool.reset_meters()
-            if it == config.Iteration:
-                if self.log.steps:
-                    self.write_log(it - 1, progress)  # the iterations since the last record
-                break
+        if not self.started:
+            self.init = self.evaluate(0, final=True) if config.eval_init else None
             if self.method.network_pool:
-                self.pool_iteration(it)
-            else:
-                self.update_images_with_fresh_network()
-            self.log.iterations += 1
-            if it % config.log_every == 0:
-                self.write_log(it, progress)
-        return {"final": final, "init": init}
+                self.pool.push(INITIAL_POOL_SIZE)
+            self.started = True
+        iterations = range(self.next_iteration, config.Iteration + 1)
+        with tqdm(iterations, initial=self.next_iteration, total=config.Iteration + 1, desc=f"exp {self.index}",
+                  unit="it", disable=None) as progress:
+            self.log.restart_clock()
+            for it in progress:
+                self.next_iteration = self.health.iteration = it
+                if self.is_evaluation_point(it) and self.evaluated_at != it:
+                    self.health.raise_if_bad()
+                    self.final = self.evaluate(it, final=it == config.Iteration)
+                    self.pool.reset_meters()
+                    self.evaluated_at = it
+                    checkpoints.save(self)
+                if it == config.Iteration:
+                    if self.log.steps:
+                        self.write_log(it - 1, progress)  # the iterations since the last record
+                    break
+                if self.method.network_pool:
+                    self.pool_iteration(it)
+                else:
+                    self.update_images_with_fresh_network()
+                self.log.iterations += 1
+                self.next_iteration = it + 1
+                if it % config.log_every == 0:
+                    self.health.raise_if_bad()
+                    self.write_log(it, progress)
+                STOP.check()
+                checkpoints.save_if_due(self, it + 1)
+        return {"final": self.final, "init": self.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the rest of this experiment (see checkpoint.py)."""
+        return {
+            "index": self.index, "started": self.started, "next_iteration": self.next_iteration,
+            "evaluated_at": self.evaluated_at, "init": self.init, "final": self.final,
+            "images": self.synset.images.detach(), "optimizer": self.optimizer.state_dict(),
+            "pool": self.pool.state_dict(), "log": self.log.state_dict(),
+            "generators": {name: generator.get_state() for name, generator in self._generators().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.started, self.next_iteration, self.evaluated_at = state["started"], state["next_iteration"], \
+            state["evaluated_at"]
+        self.init, self.final = state["init"], state["final"]
+        with torch.no_grad():
+            self.synset.images.copy_(state["images"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pool.load_state_dict(state["pool"])
+        self.log.load_state_dict(state["log"], self.device)
+        for name, generator in self._generators().items():
+            generator.set_state(state["generators"][name])
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"real_batches": self.sampler.generator, "dsa_choice": self.dsa.choice_generator,
+                "dsa_values": self.dsa.value_generator}
 
     def pool_iteration(self, it: int) -> None:
         """Grow the pool on schedule, update the images under picked nets, train the pool."""
@@ -295,7 +428,7 @@ class Experiment:
         for _ in range(config.outer_loop):
             for entry in nets:
                 self.update_images(entry)
-            self.pool.train_on_real(self.sampler)
+            self.pool.train_on_real(self.sampler, self.health)
 
     def update_images_with_fresh_network(self) -> None:
         """DM: one image step on the loss summed over classes, under a new untrained network."""
@@ -312,11 +445,8 @@ class Experiment:
         syn_features = embed_per_class(net, syns, self.config.embed_last)
         matches = [self.method.loss(r, s) for r, s in zip(real_features, syn_features)]
         loss = torch.stack([match.total for match in matches]).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
         terms = {name: torch.stack([m.terms[name] for m in matches]).sum() for name in matches[0].terms}
-        self.log.add({"loss": loss, **terms})
+        self.step_images(-1, {"loss": loss, **terms})
 
     def update_images(self, entry: PoolNet) -> None:
         """One image-optimiser step per class, matching features under ``entry.net``."""
@@ -339,12 +469,20 @@ class Experiment:
                 if self.ipc1_rules:
                     ce = ce * (logits.argmax(dim=1)[0] != c)
                 loss = loss + ce_weight * ce
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
-            self.log.add({"loss": loss, **match.terms, "syn_ce": ce, "syn_acc": accuracy})
+            self.step_images(c, {"loss": loss, **match.terms, "syn_ce": ce}, syn_acc=accuracy)
         net.requires_grad_(True)
+
+    def step_images(self, c: int, terms: dict[str, torch.Tensor], **logged: torch.Tensor) -> None:
+        """One image-optimiser step on ``terms['loss']``, watching every term, the gradient and the images."""
+        for name, value in terms.items():
+            self.health.check(c, name, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.health.check(c, "gradient", self.synset.images.grad)
+        self.optimizer.step()
+        self.health.check(c, "image", self.synset.images)
+        self.log.add({**terms, **logged})
 
     def real_features(self, net: Network, real: torch.Tensor, c: int) -> torch.Tensor:
         """Embeddings of the real batch; with the IPC-1 rules only its lowest-CE images."""

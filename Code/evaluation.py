@@ -25,6 +25,7 @@ from augment import DSA, ParamDiffAug
 from data import Dataset, ImageSplit
 from networks import get_network
 from rng import make_generator
+from runtime import STOP
 
 TEST_BATCH = 500
 
@@ -66,6 +67,7 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
             optimizer = _sgd(net, lr)
         if progress is not None:
             progress.update(1)
+        STOP.check()
 
 
 @torch.no_grad()

@@ -29,14 +29,21 @@ from torchvision.utils import save_image
 from errors import ConfigError
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` over ``path``; ``path`` is intact on failure."""
+def atomic_write(path: Path, write: Callable[[Path], None], keep_previous: Path | None = None) -> None:
+    """Call ``write(tmp)``, flush it to disk, then rename ``tmp`` over ``path``.
+
+    ``path`` is intact if writing fails (a full disk, a kill). With
+    ``keep_previous``, the old ``path`` is first renamed there, so a complete
+    file exists under one of the two names at every moment.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -87,9 +94,26 @@ class RunDirectory:
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
+    def remove_partial_writes(self) -> None:
+        """Temporary files left by a process killed while writing (the targets are intact)."""
+        for partial in self.path.rglob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def metrics_size(self) -> int:
+        return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+
+    def truncate_metrics(self, size: int) -> None:
+        """Drop records written after a checkpoint, so a resumed run writes each exactly once."""
+        if self.metrics_size() > size:
+            os.truncate(self.metrics_path, size)
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line in a single write, so a crash cannot split a record."""
-        with open(self.path / "metrics.jsonl", "a") as handle:
+        with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from checkpoint import Checkpoint, Checkpoints, RunProgress
 from config import Config, departures_from_reference, is_reduced_budget, resolve_device, validate_against_data
 from data import DataOptions, Dataset, get_dataset
 from distill import BestOnTest, Experiment
+from errors import Interrupted
 from evaluation import summarize
 from methods import get_method
 from outputs import RunDirectory, default_run_name, ensure_writable
@@ -81,24 +83,49 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"results: {Path(results['run_dir']) / 'results.json'}", flush=True)
 
 
-def run(config: Config) -> dict[str, Any]:
-    """Distil ``config.dataset`` as configured and return the results written to results.json."""
+def run(config: Config, resume: Checkpoint | None = None) -> dict[str, Any]:
+    """Distil ``config.dataset`` as configured (or continue ``resume``) and return the results.
+
+    On SIGINT/SIGTERM the experiment in progress is checkpointed and
+    ``Interrupted`` re-raised; on a non-finite value nothing more is saved.
+    """
     started = time.perf_counter()
     device = resolve_device(config.device)
     method = get_method(config.method)
     ensure_writable(Path(config.save_path))
     dataset = load_dataset(config, device)
     validate_against_data(config, dataset.train.class_sizes(), dataset.im_size)
-    run_dir = RunDirectory.create(config.save_path, config.run_name or default_run_name(config))
-    run_dir.write_config(config.to_dict())
+    if resume is None:
+        run_dir = RunDirectory.create(config.save_path, config.run_name or default_run_name(config))
+        run_dir.write_config(config.to_dict())
+        progress = RunProgress()
+    else:
+        run_dir = RunDirectory(resume.directory)
+        run_dir.remove_partial_writes()
+        run_dir.truncate_metrics(resume.payload["metrics_bytes"])
+        progress = resume.progress()
     announce(config, dataset, device, run_dir)
-    best = BestOnTest()
-    outcomes = [Experiment(config, method, dataset, run_dir, index, device, best).run()
-                for index in range(config.num_exp)]
-    inits = [outcome["init"] for outcome in outcomes if outcome["init"] is not None]
-    results = results_record(config, merge_accuracies([outcome["final"] for outcome in outcomes]), device, run_dir,
-                             time.perf_counter() - started, init=merge_accuracies(inits) if inits else None,
-                             best_on_test=best_on_test_record(best))
+    checkpoints = Checkpoints(run_dir, config, progress)
+    while progress.experiment < config.num_exp:
+        experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best)
+        saved = resume.payload["experiment_state"] if resume is not None else None
+        if saved is not None and saved["index"] == progress.experiment:
+            experiment.load_state_dict(saved)
+            print(f"resuming experiment {progress.experiment} at iteration {experiment.next_iteration}", flush=True)
+        try:
+            progress.outcomes.append(experiment.run(checkpoints))
+        except Interrupted as stop:
+            checkpoints.save(experiment)
+            stop.where, stop.run_dir = f" at experiment {experiment.index}, iteration {experiment.next_iteration}", \
+                run_dir.path
+            raise
+        progress.experiment += 1
+        checkpoints.save(None)
+    inits = [outcome["init"] for outcome in progress.outcomes if outcome["init"] is not None]
+    final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
+    results = results_record(config, final, device, run_dir, time.perf_counter() - started,
+                             init=merge_accuracies(inits) if inits else None,
+                             best_on_test=best_on_test_record(progress.best))
     run_dir.write_results(results)
     print_summary(results)
     return results

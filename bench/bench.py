@@ -110,7 +110,7 @@ def main() -> None:
     keep_freed_memory()
 
     argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device]
-    config, _ = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {})
+    config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
     device = resolve_device(config.device)
     dataset = load_dataset(config, device)
     with tempfile.TemporaryDirectory() as scratch:

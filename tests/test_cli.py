@@ -7,7 +7,7 @@ import pytest
 
 from cli import main, resolve_config
 from config import Config, reference_config
-from helpers import CODE_DIR, run_script
+from helpers import CODE_DIR, run_script, write_image_folder
 
 COMMANDS = [line for line in (CODE_DIR.parent / "Command.txt").read_text().splitlines() if line.startswith("python")]
 PUBLISHED_ROWS = {("MNIST", 1), ("MNIST", 10), ("MNIST", 50), ("FashionMNIST", 1), ("FashionMNIST", 10),
@@ -26,7 +26,7 @@ def test_command_txt_has_every_published_row_and_its_scripts_exist() -> None:
     for line in COMMANDS:
         script, args = command_args(line)
         assert (CODE_DIR / script).is_file()
-        config, _ = resolve_config(args, {})
+        config = resolve_config(args, {}).config
         rows.add((config.dataset, config.ipc))
     assert rows == PUBLISHED_ROWS
 
@@ -34,44 +34,45 @@ def test_command_txt_has_every_published_row_and_its_scripts_exist() -> None:
 @pytest.mark.parametrize("line", COMMANDS)
 def test_each_published_command_equals_the_bare_dataset_and_ipc_run(line: str) -> None:
     _, args = command_args(line)
-    config, print_only = resolve_config(args, {})
-    bare, _ = resolve_config(["--dataset", config.dataset, "--ipc", str(config.ipc)], {})
-    assert not print_only
+    invocation = resolve_config(args, {})
+    config = invocation.config
+    bare = resolve_config(["--dataset", config.dataset, "--ipc", str(config.ipc)], {}).config
+    assert not invocation.print_only and invocation.resume is None
     assert config == bare == reference_config(config.dataset, config.ipc, "bacon")
 
 
 def test_published_rows_set_their_extra_flags() -> None:
-    cifar100, _ = resolve_config(["--dataset", "CIFAR100", "--ipc", "10"], {})
+    cifar100 = resolve_config(["--dataset", "CIFAR100", "--ipc", "10"], {}).config
     assert (cifar100.ce_weight, cifar100.model_train_steps, cifar100.net_num) == (0.1, 50, 100)
-    cifar10_ipc1, _ = resolve_config(["--dataset", "CIFAR10", "--ipc", "1"], {})
+    cifar10_ipc1 = resolve_config(["--dataset", "CIFAR10", "--ipc", "1"], {}).config
     assert (cifar10_ipc1.batch_real, cifar10_ipc1.net_generate_interval, cifar10_ipc1.ipc1_rules) == (5000, 5, True)
-    mnist_ipc1, _ = resolve_config(["--dataset", "MNIST", "--ipc", "1"], {})
+    mnist_ipc1 = resolve_config(["--dataset", "MNIST", "--ipc", "1"], {}).config
     assert not mnist_ipc1.ipc1_rules
 
 
 def test_paper_settings_are_the_defaults() -> None:
-    config, _ = resolve_config(["--dataset", "MNIST", "--ipc", "10"], {})
+    config = resolve_config(["--dataset", "MNIST", "--ipc", "10"], {}).config
     assert (config.model, config.init, config.lr_img, config.num_exp, config.num_eval) == ("ConvNet", "real", 0.2, 5, 5)
     assert (config.aug, config.syn_ce, config.net_decay, config.embed_last) == (True, True, True, 1000)
     assert (config.Iteration, config.eval_interval, config.ce_weight, config.train_net_num) == (20000, 100, 0.5, 1)
 
 
 def test_entry_script_sets_the_default_dataset() -> None:
-    config, _ = resolve_config([], {"dataset": "SVHN"})
+    config = resolve_config([], {"dataset": "SVHN"}).config
     assert config.dataset == "SVHN"
 
 
 def test_config_file_overrides_defaults_and_command_line_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("dataset: CIFAR100\nipc: 10\nIteration: 7\nlr_img: 1\naug: false\n")
-    config, _ = resolve_config(["--config", str(path), "--Iteration", "9"], {})
+    config = resolve_config(["--config", str(path), "--Iteration", "9"], {}).config
     assert (config.dataset, config.ipc, config.Iteration, config.lr_img, config.aug) == ("CIFAR100", 10, 9, 1.0, False)
     assert config.model_train_steps == 50  # the published CIFAR100 IPC-10 row still applies
 
 
 @pytest.mark.parametrize("flag", ["--no-aug", "--no_aug"])
 def test_booleans_have_no_forms(flag: str) -> None:
-    config, _ = resolve_config(["--dataset", "MNIST", flag], {})
+    config = resolve_config(["--dataset", "MNIST", flag], {}).config
     assert config.aug is False
 
 
@@ -154,6 +155,25 @@ def test_unreadable_data(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
                  "t10k-labels-idx1-ubyte"):
         (raw / name).write_bytes(b"\x00\x00\x08\x03\x00\x00")
     fails_with(["--dataset", "FashionMNIST", "--data_path", str(raw)], "idx", capsys, tmp_path)
+
+
+def test_an_image_folder_with_one_class_or_an_empty_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    one_class = write_image_folder(tmp_path / "one", classes=1, per_class=3)
+    fails_with(["--dataset", "ImageFolder", "--data_path", str(one_class)], "holds 1 class directories; add at least 2",
+               capsys, tmp_path)
+    empty_class = write_image_folder(tmp_path / "empty", classes=2, per_class=3)
+    (empty_class / "train" / "class9").mkdir()
+    fails_with(["--dataset", "ImageFolder", "--data_path", str(empty_class)], "class9 holds no images", capsys,
+               tmp_path)
+
+
+def test_a_tinyimagenet_file_that_is_not_the_expected_dict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    (tmp_path / "tiny").mkdir()
+    torch.save({"images": torch.zeros(1)}, tmp_path / "tiny" / "tinyimagenet.pt")
+    fails_with(["--dataset", "TinyImageNet", "--data_path", str(tmp_path / "tiny")],
+               "is not the expected Tiny-ImageNet dict", capsys, tmp_path)
 
 
 def test_unwritable_save_path(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

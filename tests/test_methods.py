@@ -63,9 +63,9 @@ def test_dm_takes_one_image_step_per_iteration_and_never_trains_a_network(image_
 def test_dm_uses_its_published_defaults_unless_flags_override() -> None:
     from cli import resolve_config
 
-    dm, _ = resolve_config(["--method", "dm", "--dataset", "MNIST", "--ipc", "1"], {})
+    dm = resolve_config(["--method", "dm", "--dataset", "MNIST", "--ipc", "1"], {}).config
     assert (dm.lr_img, dm.batch_real, dm.syn_ce) == (1.0, 256, False)
-    overridden, _ = resolve_config(["--method", "dm", "--lr_img", "0.5"], {})
+    overridden = resolve_config(["--method", "dm", "--lr_img", "0.5"], {}).config
     assert overridden.lr_img == 0.5
 
 

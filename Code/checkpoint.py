@@ -1,0 +1,122 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint holds the resolved config, the results of the finished
+experiments, the best-on-test record and, in the middle of an experiment, its
+whole state (``Experiment.state_dict``: synthetic images and their optimiser,
+every pool network with its optimiser and accuracy meter, every random
+generator, the loop position, the loss log), plus the length of metrics.jsonl
+at that moment: records written after it are dropped on resume, so none is
+duplicated or missing. It is written to a temporary file, flushed and renamed,
+the previous one kept as checkpoint.prev.pt until the new one is complete, and
+loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import Config
+from distill import BestOnTest, Experiment
+from errors import ConfigError
+from outputs import RunDirectory, atomic_write
+
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+FORMAT = 1
+AUTO_INTERVAL_S = 600.0  # --checkpoint_every 0: at most ~10 minutes of work are lost
+REQUIRED_KEYS = {"format", "config", "experiment", "outcomes", "best", "experiment_state", "metrics_bytes"}
+
+
+@dataclass
+class RunProgress:
+    """What a run has finished: the experiments done and the best set seen on the test set."""
+
+    experiment: int = 0
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    best: BestOnTest = field(default_factory=BestOnTest)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint and the run directory it belongs to."""
+
+    directory: Path
+    payload: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.payload["config"]
+
+    def progress(self) -> RunProgress:
+        return RunProgress(self.payload["experiment"], list(self.payload["outcomes"]),
+                           BestOnTest(**self.payload["best"]))
+
+
+class Checkpoints:
+    """Writes the run's checkpoint at evaluation points and every ``every`` iterations.
+
+    ``every`` = 0 checkpoints whenever ``AUTO_INTERVAL_S`` of work have passed
+    since the last one, whatever the device's speed. Checkpointing draws no
+    random numbers, so it never changes a result.
+    """
+
+    def __init__(self, run_dir: RunDirectory, config: Config, progress: RunProgress) -> None:
+        self.run_dir, self.config, self.progress = run_dir, config, progress
+        self.last_saved = time.monotonic()
+
+    def save(self, experiment: Experiment | None) -> None:
+        """Checkpoint now; ``experiment`` is the one in progress (None between experiments)."""
+        if experiment is not None:
+            experiment.health.raise_if_bad()
+        payload = {
+            "format": FORMAT, "config": self.config.to_dict(), "experiment": self.progress.experiment,
+            "outcomes": self.progress.outcomes, "best": dataclasses.asdict(self.progress.best),
+            "experiment_state": experiment.state_dict() if experiment is not None else None,
+            "metrics_bytes": self.run_dir.metrics_size(),
+        }
+        directory = self.run_dir.path
+        atomic_write(directory / CHECKPOINT, lambda tmp: torch.save(payload, tmp), keep_previous=directory / PREVIOUS)
+        self.last_saved = time.monotonic()
+
+    def save_if_due(self, experiment: Experiment, iterations_done: int) -> None:
+        every = self.config.checkpoint_every
+        due = iterations_done % every == 0 if every > 0 else time.monotonic() - self.last_saved >= AUTO_INTERVAL_S
+        if due:
+            self.save(experiment)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or not REQUIRED_KEYS <= set(payload) or payload["format"] != FORMAT:
+        raise ValueError("not a checkpoint of this project's format")
+    return payload
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """The newest complete checkpoint of a run; a damaged one falls back to the previous."""
+    directory = Path(directory)
+    candidates = [directory / name for name in (CHECKPOINT, PREVIOUS) if (directory / name).exists()]
+    if not candidates:
+        raise ConfigError(f"--resume {directory}: no {CHECKPOINT} there; it is not a run directory, or the run "
+                          "stopped before its first checkpoint (start it again)")
+    problems = []
+    for path in candidates:
+        try:
+            payload = _read(path)
+        except Exception as error:
+            problems.append(f"{path.name}: {type(error).__name__}")
+            continue
+        if problems:
+            print(f"warning: {problems[0]} is damaged; resuming from {path.name} instead", file=sys.stderr)
+        return Checkpoint(directory, payload)
+    raise ConfigError(f"--resume {directory}: no checkpoint can be loaded ({'; '.join(problems)}); "
+                      "start the run again")
