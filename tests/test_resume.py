@@ -2,7 +2,6 @@
 damaged checkpoints fall back, non-finite values stop the run, failed writes lose nothing."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
