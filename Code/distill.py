@@ -28,16 +28,16 @@ from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic, encode_mosaic
 from config import Config, is_reduced_budget
-from data import Dataset, ImageSplit
+from data import Dataset
 from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
 from methods import Method
-from networks import Network, get_eval_pool, get_network
-from outputs import RunDirectory
 from errors import NonFiniteError
+from networks import Network, get_eval_pool
+from outputs import RunDirectory
+from pool import INITIAL_POOL_SIZE, NetPool, PoolNet, RealSampler
 from rng import make_generator
 from runtime import STOP
 
-INITIAL_POOL_SIZE = 3
 IPC1_KEEP = 2560
 
 
@@ -57,140 +57,6 @@ class NoCheckpoints:
 
     def save_if_due(self, experiment: "Experiment", iterations_done: int) -> None:
         pass
-
-
-class RealSampler:
-    """Random real batches, drawn on the data's device without per-sample loops."""
-
-    def __init__(self, split: ImageSplit, generator: torch.Generator) -> None:
-        self.split = split
-        self.generator = generator
-
-    def _shuffled(self, size: int) -> torch.Tensor:
-        return torch.randperm(size, generator=self.generator, device=self.generator.device)
-
-    def class_batch(self, c: int, n: int) -> torch.Tensor:
-        """n distinct images of class c (all of them when the class is smaller)."""
-        indices = self.split.class_indices[c]
-        return self.split.fetch(indices[self._shuffled(len(indices))[:n]])
-
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n distinct images drawn uniformly from the whole split, with labels."""
-        index = self._shuffled(len(self.split))[:n]
-        return self.split.fetch(index), self.split.labels[index]
-
-
-@dataclass
-class AccuracyMeter:
-    """A pool net's training accuracy since the last reset, as a device tensor."""
-
-    correct: torch.Tensor
-    count: int = 0
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.correct = self.correct + (logits.argmax(dim=1) == labels).sum()
-        self.count += labels.numel()
-
-    def percent(self) -> torch.Tensor:
-        """Accuracy in percent, 0 when the meter has seen nothing (as the reference)."""
-        return self.correct * (100.0 / self.count) if self.count else torch.zeros_like(self.correct, dtype=torch.float)
-
-    def reset(self) -> None:
-        self.correct = torch.zeros_like(self.correct)
-        self.count = 0
-
-
-@dataclass
-class PoolNet:
-    net: Network
-    optimizer: torch.optim.Optimizer
-    meter: AccuracyMeter
-
-
-class NetPool:
-    """The reference's list of networks that grows, trains on real data and is sampled."""
-
-    def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device) -> None:
-        self.config = config
-        self.dataset = dataset
-        self.device = device
-        self.init_generator = make_generator(config.seed, *seed_key, "pool-init")
-        self.pick_generator = make_generator(config.seed, *seed_key, "pool-pick")
-        self.nets: list[PoolNet] = []
-
-    def fresh_network(self) -> Network:
-        """A randomly initialised network of ``--model`` (train mode)."""
-        d = self.dataset
-        net = get_network(self.config.model, d.channel, d.num_classes, d.im_size,
-                          generator=self.init_generator, device=self.device)
-        return net.train()
-
-    def _new_net(self) -> PoolNet:
-        net = self.fresh_network()
-        if self.config.net_decay:
-            optimizer = torch.optim.SGD(net.parameters(), lr=self.config.lr_net, momentum=0.9, weight_decay=0.0005)
-        else:
-            optimizer = torch.optim.SGD(net.parameters(), lr=self.config.lr_net)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        return PoolNet(net, optimizer, AccuracyMeter(correct))
-
-    def push(self, count: int) -> None:
-        """Append ``count`` fresh nets, dropping the oldest once the pool is full."""
-        for _ in range(count):
-            if len(self.nets) == self.config.net_num:
-                self.nets.pop(0)
-            self.nets.append(self._new_net())
-
-    def _shuffled(self, candidates: list[int]) -> list[int]:
-        order = torch.randperm(len(candidates), generator=self.pick_generator).tolist()
-        return [candidates[i] for i in order]
-
-    def pick_for_images(self) -> list[PoolNet]:
-        """train_net_num distinct nets; from pool[net_begin:net_end] when that holds > 10."""
-        candidates = list(range(len(self.nets)))
-        window = candidates[self.config.net_begin:self.config.net_end]
-        if len(window) > 10:
-            candidates = window
-        return [self.nets[i] for i in self._shuffled(candidates)[:self.config.train_net_num]]
-
-    def train_on_real(self, sampler: RealSampler, watch: FiniteWatch | None = None) -> None:
-        """Train fetch_net_num distinct nets for model_train_steps SGD steps each."""
-        chosen = self._shuffled(list(range(len(self.nets))))[:self.config.fetch_net_num]
-        for entry in (self.nets[i] for i in chosen):
-            entry.net.train()
-            for _ in range(self.config.model_train_steps):
-                images, labels = sampler.batch(self.config.trained_bs)
-                logits = entry.net(images)
-                loss = F.cross_entropy(logits, labels)
-                if watch is not None:
-                    watch.check(-1, "pool_ce", loss)
-                entry.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                entry.optimizer.step()
-                entry.meter.update(logits.detach(), labels)
-
-    def reset_meters(self) -> None:
-        for entry in self.nets:
-            entry.meter.reset()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "nets": [{"net": e.net.state_dict(), "optimizer": e.optimizer.state_dict(),
-                      "correct": e.meter.correct, "count": e.meter.count} for e in self.nets],
-            "init_generator": self.init_generator.get_state(), "pick_generator": self.pick_generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Rebuild the saved nets; generator states are restored last (building draws from them)."""
-        self.nets = []
-        for saved in state["nets"]:
-            entry = self._new_net()
-            entry.net.load_state_dict(saved["net"])
-            entry.optimizer.load_state_dict(saved["optimizer"])
-            entry.meter.correct, entry.meter.count = saved["correct"].to(self.device), saved["count"]
-            self.nets.append(entry)
-        self.init_generator.set_state(state["init_generator"])
-        self.pick_generator.set_state(state["pick_generator"])
 
 
 class SyntheticSet:

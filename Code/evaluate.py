@@ -26,12 +26,12 @@ from augment import ParamDiffAug, decode_labels, decode_mosaic
 from cli import OneLineParser, add_config_flags
 from config import Config, departures_from_reference, resolve_device, validate
 from data import Dataset
-from distill import RealSampler
 from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
 from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
 from pipeline import load_dataset, merge_accuracies, results_record
+from pool import RealSampler
 from rng import make_generator
 from runtime import keep_freed_memory
 

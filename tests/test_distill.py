@@ -12,10 +12,11 @@ import distill
 import evaluation
 from config import Config
 from data import DataOptions, get_dataset
-from distill import AccuracyMeter, Experiment, NetPool, BestOnTest
+from distill import BestOnTest, Experiment
 from helpers import run_script
 from methods import get_method
 from outputs import RunDirectory
+from pool import INITIAL_POOL_SIZE, AccuracyMeter, NetPool
 from pipeline import run
 
 
@@ -136,7 +137,7 @@ def test_pool_grows_on_schedule_and_drops_the_oldest(image_folder: Path, tmp_pat
     config = tiny_config(image_folder, tmp_path, net_num=4)
     dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
     pool = NetPool(config, dataset, (0,), torch.device("cpu"))
-    pool.push(distill.INITIAL_POOL_SIZE)
+    pool.push(INITIAL_POOL_SIZE)
     pool.push(1)
     first = pool.nets[0]
     assert len(pool.nets) == 4
