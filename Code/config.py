@@ -26,12 +26,13 @@ from data import dataset_names
 from errors import ConfigError
 from methods import get_method
 from networks import get_eval_pool, model_names
+from precision import PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs" / "published.yaml"
 
-RUN, SYNSET, MATCHING, POOL, EVAL, DATA, COMPAT = (
-    "run", "synthetic set", "matching", "network pool", "evaluation", "data",
+RUN, SYNSET, MATCHING, POOL, EVAL, DATA, SPEED, COMPAT = (
+    "run", "synthetic set", "matching", "network pool", "evaluation", "data", "speed",
     "accepted for compatibility with the reference scripts (no effect in BACON)",
 )
 
@@ -99,6 +100,9 @@ class Config:
     im_size: int | None = option(None, "ImageFolder only: resize images to this square side (32 if unset)", DATA)
     test_fraction: float = option(0.2, "ImageFolder without test/: fraction of each class held out", DATA)
 
+    precision: str = option("auto", "convolutions in fp32 or bf16 autocast; auto = bf16 where the device has "
+                            "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
+
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)
     mismatch_type: str = option("l1", "unused", COMPAT)
@@ -153,7 +157,7 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
-                "test_pool_nets", "im_size", "test_fraction"}
+                "test_pool_nets", "im_size", "test_fraction", "precision"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets"}
 
 

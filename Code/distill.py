@@ -18,9 +18,10 @@ and accuracy meters stay on the device and are read only at log points.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from errors import NonFiniteError
 from networks import Network, get_eval_pool
 from outputs import RunDirectory
 from pool import INITIAL_POOL_SIZE, NetPool, PoolNet, RealSampler
+from precision import autocast, resolve_precision
 from rng import make_generator
 from runtime import STOP
 
@@ -200,14 +202,16 @@ class Experiment:
         init = initial_images(config, dataset, make_generator(seed, index, "init", device=device))
         self.synset = SyntheticSet(init, dataset.num_classes, config.ipc, config.aug)
         self.optimizer = image_optimizer(config, self.synset.images)
-        self.pool = NetPool(config, dataset, (index,), device)
+        self.precision = resolve_precision(config.precision, device)
+        self.pool = NetPool(config, dataset, (index,), device, self.precision)
         param = ParamDiffAug(aug_mode=config.dsa_mode)
         self.dsa = DSA(config.dsa_strategy, make_generator(seed, index, "dsa-choice"),
                        make_generator(seed, index, "dsa-values", device=device), param)
         self.protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net,
-                                     config.dsa_strategy, param)
+                                     config.dsa_strategy, param, self.precision)
         self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
         self.log = LossLog()
+        self.timer: Callable[[str], ContextManager[None]] = lambda phase: contextlib.nullcontext()
         self.health = FiniteWatch(device, index)
         self.started = False  # initial evaluation done and initial pool built
         self.next_iteration = 0
@@ -294,7 +298,8 @@ class Experiment:
         for _ in range(config.outer_loop):
             for entry in nets:
                 self.update_images(entry)
-            self.pool.train_on_real(self.sampler, self.health)
+            with self.timer("pool_training"):
+                self.pool.train_on_real(self.sampler, self.health)
 
     def update_images_with_fresh_network(self) -> None:
         """DM: one image step on the loss summed over classes, under a new untrained network."""
@@ -306,9 +311,10 @@ class Experiment:
             real, syn = self.dsa.siamese(real, syn)
             reals.append(real)
             syns.append(syn)
-        with torch.no_grad():
-            real_features = embed_per_class(net, reals, self.config.embed_last)
-        syn_features = embed_per_class(net, syns, self.config.embed_last)
+        with autocast(self.device, self.precision):
+            with torch.no_grad():
+                real_features = embed_per_class(net, reals, self.config.embed_last)
+            syn_features = embed_per_class(net, syns, self.config.embed_last)
         matches = [self.method.loss(r, s) for r, s in zip(real_features, syn_features)]
         loss = torch.stack([match.total for match in matches]).sum()
         terms = {name: torch.stack([m.terms[name] for m in matches]).sum() for name in matches[0].terms}
@@ -324,19 +330,21 @@ class Experiment:
             real = self.sampler.class_batch(c, config.batch_real)
             syn, labels = self.synset.class_batch(c)
             real, syn = self.dsa.siamese(real, syn)
-            with torch.no_grad():
+            with self.timer("real_forward"), autocast(self.device, self.precision), torch.no_grad():
                 real_features = self.real_features(net, real, c)
-            syn_features = net.embed(syn, config.embed_last)
-            match = self.method.loss(real_features, syn_features)
-            logits = net.classifier(syn_features) if net.embed_is_full(config.embed_last) else net(syn)
-            ce = F.cross_entropy(logits.float(), labels)
-            loss = match.total
-            if ce_weight is not None:
-                if self.ipc1_rules:
-                    ce = ce * (logits.argmax(dim=1)[0] != c)
-                loss = loss + ce_weight * ce
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
-            self.step_images(c, {"loss": loss, **match.terms, "syn_ce": ce}, syn_acc=accuracy)
+            with self.timer("synthetic"):
+                with autocast(self.device, self.precision):
+                    syn_features = net.embed(syn, config.embed_last)
+                    logits = net.classifier(syn_features) if net.embed_is_full(config.embed_last) else net(syn)
+                match = self.method.loss(real_features, syn_features)
+                ce = F.cross_entropy(logits.float(), labels)
+                loss = match.total
+                if ce_weight is not None:
+                    if self.ipc1_rules:
+                        ce = ce * (logits.argmax(dim=1)[0] != c)
+                    loss = loss + ce_weight * ce
+                accuracy = (logits.argmax(dim=1) == labels).float().mean()
+                self.step_images(c, {"loss": loss, **match.terms, "syn_ce": ce}, syn_acc=accuracy)
         net.requires_grad_(True)
 
     def step_images(self, c: int, terms: dict[str, torch.Tensor], **logged: torch.Tensor) -> None:
@@ -412,7 +420,8 @@ class Experiment:
 
     def test_pool_nets(self, iteration: int) -> None:
         """Optional diagnostic of the reference: every pool net on the test set."""
-        accuracies = [test_accuracy(entry.net, self.dataset.test) for entry in self.pool.nets]
+        accuracies = [test_accuracy(entry.net, self.dataset.test, precision=self.precision)
+                      for entry in self.pool.nets]
         self.run_dir.append_metrics({"event": "pool_test", "experiment": self.index, "iteration": iteration,
                                      "accuracies": accuracies})
 

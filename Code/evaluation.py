@@ -24,6 +24,7 @@ from tqdm import tqdm
 from augment import DSA, ParamDiffAug
 from data import Dataset, ImageSplit
 from networks import get_network
+from precision import autocast
 from rng import make_generator
 from runtime import STOP
 
@@ -39,6 +40,7 @@ class EvalProtocol:
     lr: float = 0.01
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     dsa_param: ParamDiffAug = field(default_factory=ParamDiffAug)
+    precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
 
     @property
     def lr_drop_epoch(self) -> int:
@@ -58,7 +60,10 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
     for epoch in range(protocol.epochs + 1):
         permutation = torch.randperm(len(images), generator=order, device=order.device)
         for batch in permutation.split(protocol.batch_train):
-            loss = F.cross_entropy(net(dsa.per_image(images[batch])), labels[batch])
+            augmented = dsa.per_image(images[batch])
+            with autocast(augmented.device, protocol.precision):
+                logits = net(augmented)
+            loss = F.cross_entropy(logits.float(), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -71,14 +76,17 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
 
 
 @torch.no_grad()
-def test_accuracy(net: nn.Module, split: ImageSplit, batch_size: int = TEST_BATCH) -> float:
+def test_accuracy(net: nn.Module, split: ImageSplit, batch_size: int = TEST_BATCH,
+                  precision: torch.dtype | None = None) -> float:
     """Top-1 accuracy in percent on the whole split (one host sync, at the end)."""
     net.eval()
     device = split.labels.device
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)), device=device)
-        correct += (net(split.fetch(index)).argmax(dim=1) == split.labels[index]).sum()
+        with autocast(device, precision):
+            logits = net(split.fetch(index))
+        correct += (logits.argmax(dim=1) == split.labels[index]).sum()
     return 100.0 * correct.item() / len(split)
 
 
@@ -94,7 +102,7 @@ def evaluate_model(model: str, images: torch.Tensor, labels: torch.Tensor, datas
               make_generator(seed, *key, "dsa-values", device=device), protocol.dsa_param)
     order = make_generator(seed, *key, "order", device=device)
     train_on_set(net, images, labels, protocol, order, dsa, progress)
-    return test_accuracy(net, dataset.test)
+    return test_accuracy(net, dataset.test, precision=protocol.precision)
 
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, models: list[str], num_eval: int,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from config import Config
 from data import Dataset, ImageSplit
 from networks import Network, get_network
+from precision import autocast
 from rng import make_generator
 
 if TYPE_CHECKING:
@@ -77,10 +78,12 @@ class PoolNet:
 class NetPool:
     """The reference's list of networks that grows, trains on real data and is sampled."""
 
-    def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device) -> None:
+    def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device,
+                 precision: torch.dtype | None = None) -> None:
         self.config = config
         self.dataset = dataset
         self.device = device
+        self.precision = precision
         self.init_generator = make_generator(config.seed, *seed_key, "pool-init")
         self.pick_generator = make_generator(config.seed, *seed_key, "pool-pick")
         self.nets: list[PoolNet] = []
@@ -127,8 +130,9 @@ class NetPool:
             entry.net.train()
             for _ in range(self.config.model_train_steps):
                 images, labels = sampler.batch(self.config.trained_bs)
-                logits = entry.net(images)
-                loss = F.cross_entropy(logits, labels)
+                with autocast(self.device, self.precision):
+                    logits = entry.net(images)
+                loss = F.cross_entropy(logits.float(), labels)
                 if watch is not None:
                     watch.check(-1, "pool_ce", loss)
                 entry.optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,17 @@
-"""Benchmark: seconds per distillation iteration and per evaluation epoch.
+"""Benchmark: seconds per distillation iteration and per evaluation epoch, against the device's peak.
 
 Runs the published configuration (``--dataset FashionMNIST --ipc 10`` is the
-MNIST IPC-10 line of Command.txt on Fashion-MNIST) on the real data for a few
-iterations and prints ONE JSON line. Not a test: it measures, it asserts nothing.
+MNIST IPC-10 line of Command.txt on Fashion-MNIST) on the real data through the
+project's own loop (Experiment.pool_iteration) and prints ONE JSON line. Not a
+test: it measures, it asserts nothing.
 
     python bench/bench.py --dataset FashionMNIST --ipc 10 --iterations 3 --eval_epochs 3 --device cpu
+
+FLOPs are counted from the layer shapes (2 x multiply-adds of every Conv2d and
+Linear): a forward per real image, forward + input-gradient backward per
+decoded synthetic image (the picked net is frozen), forward + full backward per
+pool-training image. The peak is measured here with a large convolution in the
+same precision, so ``efficiency`` compares like with like.
 """
 
 from __future__ import annotations
@@ -14,26 +21,32 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402  (the clock starts before the heavy imports)
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+from augment import DSA  # noqa: E402
 from cli import resolve_config  # noqa: E402
+from config import resolve_device  # noqa: E402
 from distill import BestOnTest, Experiment  # noqa: E402
 from evaluation import EvalProtocol, train_on_set  # noqa: E402
-from augment import DSA  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
-from config import resolve_device  # noqa: E402
+from precision import autocast, cpu_has_bf16_units, resolve_precision  # noqa: E402
 from rng import make_generator  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
 
@@ -43,48 +56,99 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+class PhaseTimer:
+    """Wall time per named phase; synchronises the device at phase edges (for measurement only)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds[phase] += time.perf_counter() - start
 
 
-def has_amx() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "amx_bf16" in flags
+def forward_flops_per_image(experiment: Experiment) -> float:
+    """2 x multiply-adds of every Conv2d and Linear in one forward of the distilled model."""
+    dataset = experiment.dataset
+    net = get_network(experiment.config.model, dataset.channel, dataset.num_classes, dataset.im_size)
+    total = 0.0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2.0 * output.numel() * kernel
+        elif isinstance(module, torch.nn.Linear):
+            total += 2.0 * output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        net(torch.zeros(1, dataset.channel, *dataset.im_size))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def flops_per_iteration(experiment: Experiment) -> float:
+    config, dataset = experiment.config, experiment.dataset
+    forward = forward_flops_per_image(experiment)
+    decoded_per_class = config.ipc * (4 if config.aug else 1)
+    real = dataset.num_classes * min(config.batch_real, min(dataset.train.class_sizes())) * forward
+    synthetic = dataset.num_classes * decoded_per_class * forward * 2
+    pool = config.fetch_net_num * config.model_train_steps * config.trained_bs * forward * 3
+    return config.train_net_num * (real + synthetic) + pool
+
+
+def peak_tflops(device: torch.device, precision: torch.dtype | None) -> float:
+    """Best throughput of a large 3x3, 128-channel convolution in the run's precision."""
+    batch = 512 if device.type == "cuda" else 64
+    x = torch.randn(batch, 128, 32, 32, device=device)
+    weight = torch.randn(128, 128, 3, 3, device=device)
+    flops = 2.0 * batch * 128 * 32 * 32 * 128 * 9
+    best = float("inf")
+    with torch.no_grad(), autocast(device, precision):
+        F.conv2d(x, weight, padding=1)
+        for _ in range(5 if device.type == "cuda" else 3):
+            synchronize(device)
+            start = time.perf_counter()
+            F.conv2d(x, weight, padding=1)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e12
 
 
 def time_iterations(experiment: Experiment, iterations: int, device: torch.device) -> tuple[list[float], dict]:
-    """Time warm-up + ``iterations`` loop iterations, split into image update and pool training."""
-    config = experiment.config
+    """Time warm-up + ``iterations`` loop iterations, with the loop's own phase timer attached."""
     experiment.pool.push(3)
-    totals, phases = [], {"image_update": [], "pool_training": []}
+    timer = PhaseTimer(device)
+    totals, phases = [], defaultdict(list)
     for it in range(iterations + 1):
+        experiment.timer = timer
+        timer.seconds.clear()
         synchronize(device)
         start = time.perf_counter()
-        if it % config.net_generate_interval == 0:
-            experiment.pool.push(config.net_push_num)
-        for entry in experiment.pool.pick_for_images():
-            experiment.update_images(entry)
+        experiment.pool_iteration(it)
         synchronize(device)
-        middle = time.perf_counter()
-        experiment.pool.train_on_real(experiment.sampler)
-        synchronize(device)
-        end = time.perf_counter()
         if it > 0:  # iteration 0 is the warm-up
-            totals.append(end - start)
-            phases["image_update"].append(middle - start)
-            phases["pool_training"].append(end - middle)
+            total = time.perf_counter() - start
+            totals.append(total)
+            for phase in ("real_forward", "synthetic", "pool_training"):
+                phases[phase].append(timer.seconds[phase])
+            phases["other"].append(total - sum(timer.seconds.values()))
     return totals, {name: statistics.median(values) for name, values in phases.items()}
 
 
 def time_eval_epochs(experiment: Experiment, epochs: int, device: torch.device) -> float:
     """Seconds per epoch of one ConvNet trained on the decoded synthetic set (reference protocol)."""
     images, labels = experiment.synset.training_set()
-    dataset = experiment.dataset
-    protocol = EvalProtocol(epochs=0, batch_train=experiment.config.batch_train, lr=experiment.config.lr_net,
-                            dsa_strategy=experiment.config.dsa_strategy)
+    dataset, config = experiment.dataset, experiment.config
+    protocol = EvalProtocol(epochs=0, batch_train=config.batch_train, lr=config.lr_net,
+                            dsa_strategy=config.dsa_strategy, precision=experiment.precision)
     net = get_network("ConvNet", dataset.channel, dataset.num_classes, dataset.im_size,
                       generator=make_generator(0, "bench"), device=device)
     dsa = DSA(protocol.dsa_strategy, make_generator(0, "c"), make_generator(0, "v", device=device))
@@ -98,6 +162,20 @@ def time_eval_epochs(experiment: Experiment, epochs: int, device: torch.device) 
     return (time.perf_counter() - start) / epochs
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="FashionMNIST")
@@ -105,11 +183,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
     parser.add_argument("--eval_epochs", type=int, default=3, help="timed evaluation epochs (after one warm-up)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
     parser.add_argument("--data_path", default=None)
     args = parser.parse_args()
     keep_freed_memory()
 
-    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device]
+    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", args.precision]
     config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
     device = resolve_device(config.device)
     dataset = load_dataset(config, device)
@@ -119,17 +198,23 @@ def main() -> None:
         startup = time.perf_counter() - STARTED
         totals, phases = time_iterations(experiment, args.iterations, device)
         eval_epoch = time_eval_epochs(experiment, args.eval_epochs, device)
+    precision = resolve_precision(config.precision, device)
+    seconds = statistics.median(totals)
+    tflops = flops_per_iteration(experiment) / 1e12
+    peak = peak_tflops(device, precision)
     print(json.dumps({
         "dataset": args.dataset, "ipc": args.ipc, "config": "published (Command.txt MNIST IPC-10 flags)",
-        "s_per_iteration": round(statistics.median(totals), 3),
-        "s_per_eval_epoch": round(eval_epoch, 4),
+        "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
         "phases": {name: round(value, 3) for name, value in phases.items()},
-        "startup_s": round(startup, 2),
-        "iterations_timed": len(totals), "eval_epochs_timed": args.eval_epochs,
-        "device": str(device),
+        "tflops_per_iteration": round(tflops, 3), "achieved_tflops": round(tflops / seconds, 4),
+        "device_peak_tflops": round(peak, 4), "efficiency": round(tflops / seconds / peak, 3),
+        "startup_s": round(startup, 2), "peak_memory_mb": round(peak_memory_mb(device)),
+        "iterations_timed": len(totals), "eval_epochs_timed": args.eval_epochs, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "amx": has_amx() if device.type == "cpu" else None,
-        "threads": torch.get_num_threads(), "torch_version": torch.__version__, "precision": "fp32",
+        "amx": ("amx_bf16" in Path("/proc/cpuinfo").read_text()) if device.type == "cpu" else None,
+        "bf16_units": cpu_has_bf16_units() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
+        "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "precision": "bf16" if precision is not None else "fp32",
     }))
 
 
