@@ -102,6 +102,9 @@ class Config:
 
     precision: str = option("auto", "convolutions in fp32 or bf16 autocast; auto = bf16 where the device has "
                             "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
+    eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
+                               "only (3x slower than one after another on a 2-core CPU); off forces sequential",
+                               SPEED, ("auto", "on", "off"))
 
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)
@@ -157,7 +160,7 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
-                "test_pool_nets", "im_size", "test_fraction", "precision"}
+                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets"}
 
 
@@ -176,6 +179,11 @@ def is_reduced_budget(config: Config) -> bool:
     """True when any budget setting is below the published protocol's."""
     departures = departures_from_reference(config)
     return any(departures[name]["used"] < departures[name]["published"] for name in BUDGET_FIELDS if name in departures)
+
+
+def resolve_eval_batched(name: str, device: torch.device) -> bool:
+    """Stacked (vmap) evaluation pays off on GPUs; on CPUs training one after another is faster."""
+    return name == "on" or (name == "auto" and device.type == "cuda")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic, encode_mosaic
-from config import Config, is_reduced_budget
+from config import Config, is_reduced_budget, resolve_eval_batched
 from data import Dataset
 from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
 from methods import Method
@@ -208,7 +208,8 @@ class Experiment:
         self.dsa = DSA(config.dsa_strategy, make_generator(seed, index, "dsa-choice"),
                        make_generator(seed, index, "dsa-values", device=device), param)
         self.protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net,
-                                     config.dsa_strategy, param, self.precision)
+                                     config.dsa_strategy, param, self.precision,
+                                     resolve_eval_batched(config.eval_batched, device))
         self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
         self.log = LossLog()
         self.timer: Callable[[str], ContextManager[None]] = lambda phase: contextlib.nullcontext()

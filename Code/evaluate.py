@@ -24,7 +24,7 @@ import torch
 
 from augment import ParamDiffAug, decode_labels, decode_mosaic
 from cli import OneLineParser, add_config_flags
-from config import Config, departures_from_reference, resolve_device, validate
+from config import Config, departures_from_reference, resolve_device, resolve_eval_batched, validate
 from data import Dataset
 from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
@@ -39,7 +39,7 @@ from runtime import keep_freed_memory
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
               "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision")
+              "test_fraction", "precision", "eval_batched")
 
 
 @dataclass
@@ -238,7 +238,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"evaluating {source.kind} ({len(images)} training images) on {dataset.name} with {', '.join(models)}: "
           f"{config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}", flush=True)
     protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
-                            ParamDiffAug(aug_mode=config.dsa_mode), resolve_precision(config.precision, device))
+                            ParamDiffAug(aug_mode=config.dsa_mode), resolve_precision(config.precision, device),
+                            resolve_eval_batched(config.eval_batched, device))
     accuracies = evaluate_set(images, labels, models, config.num_eval, dataset, protocol, config.seed,
                               ("evaluate", source.kind), description="evaluate")
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),

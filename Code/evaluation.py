@@ -12,6 +12,7 @@ its own key path, so any evaluation can be repeated alone.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
@@ -29,6 +31,7 @@ from rng import make_generator
 from runtime import STOP
 
 TEST_BATCH = 500
+EVAL_MOMENTUM, EVAL_WEIGHT_DECAY = 0.9, 0.0005
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class EvalProtocol:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     dsa_param: ParamDiffAug = field(default_factory=ParamDiffAug)
     precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
+    stacked: bool = False  # train the networks of one model together (vmap)
 
     @property
     def lr_drop_epoch(self) -> int:
@@ -48,7 +52,7 @@ class EvalProtocol:
 
 
 def _sgd(net: nn.Module, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY)
 
 
 def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, protocol: EvalProtocol,
@@ -90,34 +94,137 @@ def test_accuracy(net: nn.Module, split: ImageSplit, batch_size: int = TEST_BATC
     return 100.0 * correct.item() / len(split)
 
 
+@dataclass
+class EvalNet:
+    """One evaluation network with its own random streams: initialisation, data order, augmentation."""
+
+    net: nn.Module
+    order: torch.Generator
+    dsa: DSA
+
+    @classmethod
+    def fresh(cls, model: str, dataset: Dataset, protocol: EvalProtocol, seed: int, key: tuple[object, ...],
+              device: torch.device) -> "EvalNet":
+        net = get_network(model, dataset.channel, dataset.num_classes, dataset.im_size,
+                          generator=make_generator(seed, *key, "init"), device=device)
+        dsa = DSA(protocol.dsa_strategy, make_generator(seed, *key, "dsa-choice"),
+                  make_generator(seed, *key, "dsa-values", device=device), protocol.dsa_param)
+        return cls(net, make_generator(seed, *key, "order", device=device), dsa)
+
+
 def evaluate_model(model: str, images: torch.Tensor, labels: torch.Tensor, dataset: Dataset,
                    protocol: EvalProtocol, seed: int, key: Iterable[object],
                    progress: tqdm | None = None) -> float:
     """Train one fresh ``model`` on the set and return its test accuracy (percent)."""
-    device = images.device
-    key = tuple(key)
-    net = get_network(model, dataset.channel, dataset.num_classes, dataset.im_size,
-                      generator=make_generator(seed, *key, "init"), device=device)
-    dsa = DSA(protocol.dsa_strategy, make_generator(seed, *key, "dsa-choice"),
-              make_generator(seed, *key, "dsa-values", device=device), protocol.dsa_param)
-    order = make_generator(seed, *key, "order", device=device)
-    train_on_set(net, images, labels, protocol, order, dsa, progress)
-    return test_accuracy(net, dataset.test, precision=protocol.precision)
+    member = EvalNet.fresh(model, dataset, protocol, seed, tuple(key), images.device)
+    train_on_set(member.net, images, labels, protocol, member.order, member.dsa, progress)
+    return test_accuracy(member.net, dataset.test, precision=protocol.precision)
+
+
+class StackedNets:
+    """Networks of one architecture trained as ONE vmapped computation (torch.func).
+
+    Each keeps its own parameters, initialisation, data order and augmentation,
+    so training them together is the same experiment as training them one after
+    another; only the kernels differ (results agree to float rounding). SGD
+    (momentum 0.9, weight decay 5e-4) is applied to the stacked parameters
+    with PyTorch's update rule.
+    """
+
+    def __init__(self, nets: list[nn.Module], precision: torch.dtype | None) -> None:
+        self.params, self.buffers = stack_module_state(nets)
+        self.params = {name: p.detach() for name, p in self.params.items()}
+        self.skeleton = copy.deepcopy(nets[0]).to("meta")
+        self.precision = precision
+        self.momentum: dict[str, torch.Tensor] = {}
+        self._grads = vmap(grad(self._loss))
+        self._logits = vmap(self._forward, in_dims=(0, 0, None))
+
+    def _forward(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.precision):
+            return functional_call(self.skeleton, (params, buffers), (x,))
+
+    def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._forward(params, buffers, x).float(), y)
+
+    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One step of every net on its own batch: x [K, B, C, H, W], y [K, B]."""
+        grads = self._grads(self.params, self.buffers, x, y)
+        for name, param in self.params.items():
+            step = grads[name] + EVAL_WEIGHT_DECAY * param
+            if name in self.momentum:
+                step = self.momentum[name].mul_(EVAL_MOMENTUM).add_(step)
+            self.momentum[name] = step
+            param.sub_(lr * step)
+
+    @torch.no_grad()
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Correct predictions of every net on the same test batch: [K]."""
+        return (self._logits(self.params, self.buffers, x).argmax(dim=2) == y).sum(dim=1)
+
+
+def uses_batch_statistics(net: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in net.modules())
+
+
+def train_together(members: list[EvalNet], images: torch.Tensor, labels: torch.Tensor, protocol: EvalProtocol,
+                   progress: tqdm | None = None) -> StackedNets:
+    """``train_on_set`` for several networks at once, each with its own order and augmentation."""
+    stacked = StackedNets([member.net for member in members], protocol.precision)
+    lr = protocol.lr
+    for epoch in range(protocol.epochs + 1):
+        orders = torch.stack([torch.randperm(len(images), generator=m.order, device=m.order.device)
+                              for m in members])
+        for batch in orders.split(protocol.batch_train, dim=1):
+            augmented = torch.stack([m.dsa.per_image(images[index]) for m, index in zip(members, batch)])
+            stacked.sgd_step(augmented, labels[batch], lr)
+        if epoch == protocol.lr_drop_epoch:
+            lr *= 0.1
+            stacked.momentum = {}  # the reference re-creates its optimiser, losing the momentum
+        if progress is not None:
+            progress.update(len(members))
+        STOP.check()
+    return stacked
+
+
+def evaluate_model_stacked(model: str, images: torch.Tensor, labels: torch.Tensor, dataset: Dataset,
+                           protocol: EvalProtocol, seed: int, keys: list[tuple[object, ...]],
+                           progress: tqdm | None = None) -> list[float] | None:
+    """Train ``len(keys)`` fresh ``model``s together; None for BatchNorm models (their
+    running statistics are module state that vmap cannot update in place)."""
+    members = [EvalNet.fresh(model, dataset, protocol, seed, key, images.device) for key in keys]
+    if uses_batch_statistics(members[0].net):
+        return None
+    stacked = train_together(members, images, labels, protocol, progress)
+    test, device = dataset.test, images.device
+    correct = torch.zeros(len(members), dtype=torch.long, device=device)
+    for start in range(0, len(test), TEST_BATCH):
+        index = torch.arange(start, min(start + TEST_BATCH, len(test)), device=device)
+        correct += stacked.correct(test.fetch(index), test.labels[index])
+    return (100.0 * correct / len(test)).tolist()
 
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, models: list[str], num_eval: int,
                  dataset: Dataset, protocol: EvalProtocol, seed: int, key: Iterable[object],
                  description: str = "evaluate") -> dict[str, list[float]]:
-    """Test accuracies (percent) of ``num_eval`` fresh networks per model."""
+    """Test accuracies (percent) of ``num_eval`` fresh networks per model.
+
+    With ``protocol.stacked`` the networks of one model train together
+    (``evaluate_model_stacked``); each network's random streams are the same
+    either way, so the choice changes speed, not the experiment.
+    """
     key = tuple(key)
     images, labels = images.detach(), labels.detach()
     total_epochs = len(models) * num_eval * (protocol.epochs + 1)
+    accuracies: dict[str, list[float]] = {}
     with tqdm(total=total_epochs, desc=description, unit="epoch", leave=False, disable=None) as progress:
-        return {
-            model: [evaluate_model(model, images, labels, dataset, protocol, seed, (*key, model, k), progress)
-                    for k in range(num_eval)]
-            for model in models
-        }
+        for model in models:
+            keys = [(*key, model, k) for k in range(num_eval)]
+            stacked = (evaluate_model_stacked(model, images, labels, dataset, protocol, seed, keys, progress)
+                       if protocol.stacked else None)
+            accuracies[model] = stacked if stacked is not None else [
+                evaluate_model(model, images, labels, dataset, protocol, seed, k, progress) for k in keys]
+    return accuracies
 
 
 def summarize(accuracies: list[float]) -> dict[str, float | int]:
