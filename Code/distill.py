@@ -161,7 +161,7 @@ class FiniteWatch:
         """Record (iteration, class c, term) if ``value`` has a non-finite entry; c = -1: all classes."""
         code = (self.iteration * 100_000 + (c + 1)) * len(self.TERMS) + self.TERMS.index(term)
         bad = ~torch.isfinite(value.detach()).all()
-        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, code), self.first)
+        self.first = torch.where(bad & (self.first < 0), code, self.first)
 
     def raise_if_bad(self) -> None:
         code = int(self.first)

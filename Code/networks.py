@@ -189,31 +189,12 @@ def _vgg_specs(cfg: Sequence[int | str]) -> list[ConvSpec]:
     return specs
 
 
-class AlexNet(Network):
-    """Five-conv AlexNet for small images; ``norm='batchnorm'`` gives AlexNetBN."""
+class PlainConvNet(Network):
+    """Conv blocks from ``specs`` and one linear classifier: AlexNet and VGG11 (by their specs)."""
 
-    def __init__(
-        self,
-        channel: int,
-        num_classes: int,
-        im_size: Size = (32, 32),
-        norm: str = "none",
-    ) -> None:
-        features, num_feat = _conv_stack(channel, im_size, _ALEXNET, norm, "relu")
-        super().__init__(features, nn.Linear(num_feat, num_classes))
-
-
-class VGG11(Network):
-    """VGG11 with instance norm (the reference default); ``norm='batchnorm'`` gives VGG11BN."""
-
-    def __init__(
-        self,
-        channel: int,
-        num_classes: int,
-        im_size: Size = (32, 32),
-        norm: str = "instancenorm",
-    ) -> None:
-        features, num_feat = _conv_stack(channel, im_size, _vgg_specs(_VGG11), norm, "relu")
+    def __init__(self, channel: int, num_classes: int, im_size: Size = (32, 32), *,
+                 specs: Sequence[ConvSpec], norm: str) -> None:
+        features, num_feat = _conv_stack(channel, im_size, specs, norm, "relu")
         super().__init__(features, nn.Linear(num_feat, num_classes))
 
 
@@ -282,10 +263,10 @@ NETWORKS: dict[str, Callable[..., Network]] = {
     **_convnet_variants(),
     "MLP": MLP,
     "LeNet": LeNet,
-    "AlexNet": AlexNet,
-    "AlexNetBN": partial(AlexNet, norm="batchnorm"),
-    "VGG11": VGG11,
-    "VGG11BN": partial(VGG11, norm="batchnorm"),
+    "AlexNet": partial(PlainConvNet, specs=_ALEXNET, norm="none"),
+    "AlexNetBN": partial(PlainConvNet, specs=_ALEXNET, norm="batchnorm"),
+    "VGG11": partial(PlainConvNet, specs=_vgg_specs(_VGG11), norm="instancenorm"),  # instance norm, as the reference
+    "VGG11BN": partial(PlainConvNet, specs=_vgg_specs(_VGG11), norm="batchnorm"),
     "ResNet18": ResNet18,
     "ResNet18BN": partial(ResNet18, norm="batchnorm"),
 }
