@@ -16,7 +16,8 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
-from typing import Any, get_args, get_type_hints
+from functools import lru_cache
+from typing import Any, Sequence, get_args, get_type_hints
 
 import torch
 import yaml
@@ -136,10 +137,14 @@ def _value_type(hint: Any) -> type:
 FIELD_TYPES: dict[str, type] = {name: _value_type(hint) for name, hint in get_type_hints(Config).items()}
 
 
+@lru_cache(maxsize=1)
+def _published_table() -> dict[str, Any]:
+    return yaml.safe_load(PUBLISHED_CONFIGS.read_text())
+
+
 def published_defaults(dataset: str, ipc: int) -> dict[str, Any]:
     """The published command's flags for this dataset and IPC ({} when unpublished)."""
-    table = yaml.safe_load(PUBLISHED_CONFIGS.read_text())
-    return dict(table.get(dataset, {}).get(ipc, {}))
+    return dict(_published_table().get(dataset, {}).get(ipc, {}))
 
 
 def protocol_defaults(dataset: str, ipc: int, method: str) -> dict[str, Any]:
@@ -175,10 +180,14 @@ def departures_from_reference(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
+def below_published(departures: dict[str, dict[str, Any]], names: Sequence[str] = BUDGET_FIELDS) -> bool:
+    """True when any of ``names`` departs downwards from the published value."""
+    return any(departures[name]["used"] < departures[name]["published"] for name in names if name in departures)
+
+
 def is_reduced_budget(config: Config) -> bool:
     """True when any budget setting is below the published protocol's."""
-    departures = departures_from_reference(config)
-    return any(departures[name]["used"] < departures[name]["published"] for name in BUDGET_FIELDS if name in departures)
+    return below_published(departures_from_reference(config))
 
 
 def resolve_eval_batched(name: str, device: torch.device) -> bool:

@@ -24,7 +24,8 @@ import torch
 
 from augment import ParamDiffAug, decode_labels, decode_mosaic
 from cli import OneLineParser, add_config_flags
-from config import Config, departures_from_reference, resolve_device, resolve_eval_batched, validate
+from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
+                    validate)
 from data import Dataset
 from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
@@ -209,9 +210,7 @@ def is_reduced(config: Config, source: Source) -> bool:
     if source.kind == "whole_train":
         reduced = config.epoch_eval_train < WHOLE_TRAIN_EPOCHS or config.num_eval < Config.num_eval
     else:
-        departures = evaluation_departures(config)
-        reduced = any(departures[name]["used"] < departures[name]["published"]
-                      for name in ("num_eval", "epoch_eval_train", "batch_train") if name in departures)
+        reduced = below_published(evaluation_departures(config), ("num_eval", "epoch_eval_train", "batch_train"))
     return reduced or bool(source.loaded.meta.get("reduced_budget", False))
 
 

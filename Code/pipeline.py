@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from checkpoint import Checkpoint, Checkpoints, RunProgress
-from config import Config, departures_from_reference, is_reduced_budget, resolve_device, validate_against_data
+from config import Config, below_published, departures_from_reference, resolve_device, validate_against_data
 from data import DataOptions, Dataset, get_dataset
 from distill import BestOnTest, Experiment
 from errors import Interrupted
@@ -35,7 +35,7 @@ def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: Ru
     departures = departures_from_reference(config)
     if departures:
         listed = ", ".join(f"{name} {d['used']} (published {d['published']})" for name, d in departures.items())
-        label = "REDUCED BUDGET" if is_reduced_budget(config) else "MODIFIED PROTOCOL"
+        label = "REDUCED BUDGET" if below_published(departures) else "MODIFIED PROTOCOL"
         print(f"{label}, not the paper protocol: {listed}", flush=True)
 
 
@@ -53,12 +53,13 @@ def results_record(config: Config, final: dict[str, dict[str, Any]], device: tor
     """The results.json schema shared by distillation runs and evaluate.py; ``overrides``
     replace what the config alone cannot say (e.g. the method of an evaluated set)."""
     result_model = config.model if config.model in final else next(iter(final))
+    departures = departures_from_reference(config)
     record = {
         "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
         "aug": config.aug, "seed": config.seed, "device": str(device),
         "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
         "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
-        "reduced_budget": is_reduced_budget(config), "departures_from_published": departures_from_reference(config),
+        "reduced_budget": below_published(departures), "departures_from_published": departures,
         "result": {"model": result_model, **{k: v for k, v in final[result_model].items() if k != "accuracies"}},
         "final": final, "init": None, "best_on_test": None,
         "run_dir": str(run_dir.path), "seconds": seconds,
