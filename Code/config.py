@@ -106,6 +106,8 @@ class Config:
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
                                "only (3x slower than one after another on a 2-core CPU); off forces sequential",
                                SPEED, ("auto", "on", "off"))
+    compile: bool = option(False, "torch.compile the network forwards (fuses norm, activation and pooling); "
+                           "adds tens of seconds of compiling to the first iteration and evaluation", SPEED)
 
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)
@@ -165,7 +167,7 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
-                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched"}
+                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets"}
 
 

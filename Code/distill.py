@@ -209,7 +209,7 @@ class Experiment:
                        make_generator(seed, index, "dsa-values", device=device), param)
         self.protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net,
                                      config.dsa_strategy, param, self.precision,
-                                     resolve_eval_batched(config.eval_batched, device))
+                                     resolve_eval_batched(config.eval_batched, device), config.compile)
         self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
         self.log = LossLog()
         self.timer: Callable[[str], ContextManager[None]] = lambda phase: contextlib.nullcontext()

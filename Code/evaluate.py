@@ -40,7 +40,7 @@ from runtime import keep_freed_memory
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
               "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision", "eval_batched")
+              "test_fraction", "precision", "eval_batched", "compile")
 
 
 @dataclass
@@ -238,7 +238,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}", flush=True)
     protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
                             ParamDiffAug(aug_mode=config.dsa_mode), resolve_precision(config.precision, device),
-                            resolve_eval_batched(config.eval_batched, device))
+                            resolve_eval_batched(config.eval_batched, device), config.compile)
     accuracies = evaluate_set(images, labels, models, config.num_eval, dataset, protocol, config.seed,
                               ("evaluate", source.kind), description="evaluate")
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
 from data import Dataset, ImageSplit
-from networks import get_network
+from networks import compile_network, get_network
 from precision import autocast
 from rng import make_generator
 from runtime import STOP
@@ -45,6 +45,7 @@ class EvalProtocol:
     dsa_param: ParamDiffAug = field(default_factory=ParamDiffAug)
     precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
     stacked: bool = False  # train the networks of one model together (vmap)
+    compiled: bool = False  # torch.compile each network trained one after another
 
     @property
     def lr_drop_epoch(self) -> int:
@@ -107,6 +108,8 @@ class EvalNet:
               device: torch.device) -> "EvalNet":
         net = get_network(model, dataset.channel, dataset.num_classes, dataset.im_size,
                           generator=make_generator(seed, *key, "init"), device=device)
+        if protocol.compiled and not protocol.stacked:
+            net = compile_network(net)
         dsa = DSA(protocol.dsa_strategy, make_generator(seed, *key, "dsa-choice"),
                   make_generator(seed, *key, "dsa-values", device=device), protocol.dsa_param)
         return cls(net, make_generator(seed, *key, "order", device=device), dsa)

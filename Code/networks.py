@@ -10,7 +10,9 @@ distillation loop can take embeddings from any of them the same way.
 from __future__ import annotations
 
 import math
-from functools import partial
+import os
+import shutil
+from functools import lru_cache, partial
 from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
@@ -322,6 +324,30 @@ def get_network(
     with torch.device("meta"):
         net = factory(channel, num_classes, im_size=tuple(im_size))
     return init_parameters_(net.to_empty(device="cpu"), generator).to(device)
+
+
+@lru_cache(maxsize=1)
+def require_compiler() -> None:
+    """Fail before the run, not at its first step: inductor builds its CPU kernels (and Triton
+    its CUDA launchers) with the system compiler."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise ConfigError(f"--compile needs a C++ compiler and {compiler!r} was not found: install one "
+                          "(e.g. apt-get install g++, or set CXX) or run without --compile")
+
+
+def compile_network(net: Network) -> Network:
+    """Route ``net``'s forward and embed through torch.compile (``--compile``).
+
+    Inductor fuses each block's norm, activation and pooling into one pass over
+    memory, which is most of a small ConvNet's time outside the convolutions.
+    Nets of one class share the compiled code (parameters are graph inputs), so a
+    growing pool compiles once per input shape and grad mode, not once per net.
+    """
+    require_compiler()
+    net.forward = torch.compile(net.forward)
+    net.embed = torch.compile(net.embed)
+    return net
 
 
 _EVAL_POOLS: dict[str, list[str]] = {

@@ -37,6 +37,9 @@ def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: Ru
         listed = ", ".join(f"{name} {d['used']} (published {d['published']})" for name, d in departures.items())
         label = "REDUCED BUDGET" if below_published(departures) else "MODIFIED PROTOCOL"
         print(f"{label}, not the paper protocol: {listed}", flush=True)
+    if config.compile:
+        print("--compile: the first iteration and the first evaluation also compile the networks (tens of "
+              "seconds on a CPU); compiled code is cached on disk for later runs", flush=True)
 
 
 def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from config import Config
 from data import Dataset, ImageSplit
-from networks import Network, get_network
+from networks import Network, compile_network, get_network
 from precision import autocast
 from rng import make_generator
 
@@ -93,7 +93,7 @@ class NetPool:
         d = self.dataset
         net = get_network(self.config.model, d.channel, d.num_classes, d.im_size,
                           generator=self.init_generator, device=self.device)
-        return net.train()
+        return (compile_network(net) if self.config.compile else net).train()
 
     def _new_net(self) -> PoolNet:
         net = self.fresh_network()

@@ -12,6 +12,11 @@ Linear): a forward per real image, forward + input-gradient backward per
 decoded synthetic image (the picked net is frozen), forward + full backward per
 pool-training image. The peak is measured here with a large convolution in the
 same precision, so ``efficiency`` compares like with like.
+
+``first_iteration_s`` is the warm-up iteration, kept out of the median: with
+``--compile`` it holds the compiling. ``stacked_eval`` times ``--stacked_nets``
+ConvNets trained together (vmap) against training them one after another,
+the measurement behind ``--eval_batched auto``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+from dataclasses import replace  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -37,17 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from augment import DSA  # noqa: E402
 from cli import resolve_config  # noqa: E402
 from config import resolve_device  # noqa: E402
 from distill import BestOnTest, Experiment  # noqa: E402
-from evaluation import EvalProtocol, train_on_set  # noqa: E402
+from evaluation import EvalNet, EvalProtocol, train_on_set, train_together  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
 from precision import autocast, cpu_has_bf16_units, resolve_precision  # noqa: E402
-from rng import make_generator  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
 
 
@@ -122,8 +126,10 @@ def peak_tflops(device: torch.device, precision: torch.dtype | None) -> float:
     return flops / best / 1e12
 
 
-def time_iterations(experiment: Experiment, iterations: int, device: torch.device) -> tuple[list[float], dict]:
-    """Time warm-up + ``iterations`` loop iterations, with the loop's own phase timer attached."""
+def time_iterations(experiment: Experiment, iterations: int,
+                    device: torch.device) -> tuple[float, list[float], dict[str, float]]:
+    """Time a warm-up iteration (first-call costs, compiling) and ``iterations`` more, with the
+    loop's own phase timer attached; returns the warm-up, the timed totals and median phases."""
     experiment.pool.push(3)
     timer = PhaseTimer(device)
     totals, phases = [], defaultdict(list)
@@ -134,30 +140,33 @@ def time_iterations(experiment: Experiment, iterations: int, device: torch.devic
         start = time.perf_counter()
         experiment.pool_iteration(it)
         synchronize(device)
-        if it > 0:  # iteration 0 is the warm-up
-            total = time.perf_counter() - start
-            totals.append(total)
+        total = time.perf_counter() - start
+        totals.append(total)
+        if it > 0:
             for phase in ("real_forward", "synthetic", "pool_training"):
                 phases[phase].append(timer.seconds[phase])
             phases["other"].append(total - sum(timer.seconds.values()))
-    return totals, {name: statistics.median(values) for name, values in phases.items()}
+    return totals[0], totals[1:], {name: statistics.median(values) for name, values in phases.items()}
 
 
-def time_eval_epochs(experiment: Experiment, epochs: int, device: torch.device) -> float:
-    """Seconds per epoch of one ConvNet trained on the decoded synthetic set (reference protocol)."""
+def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bool, device: torch.device) -> float:
+    """Seconds per epoch of ``nets`` fresh ConvNets trained on the decoded synthetic set
+    (reference protocol: DSA per image, SGD), together (vmap) or one after another."""
     images, labels = experiment.synset.training_set()
-    dataset, config = experiment.dataset, experiment.config
-    protocol = EvalProtocol(epochs=0, batch_train=config.batch_train, lr=config.lr_net,
-                            dsa_strategy=config.dsa_strategy, precision=experiment.precision)
-    net = get_network("ConvNet", dataset.channel, dataset.num_classes, dataset.im_size,
-                      generator=make_generator(0, "bench"), device=device)
-    dsa = DSA(protocol.dsa_strategy, make_generator(0, "c"), make_generator(0, "v", device=device))
-    order = make_generator(0, "o", device=device)
-    train_on_set(net, images, labels, protocol, order, dsa)  # warm-up epoch
+    protocol = replace(experiment.protocol, stacked=stacked)
+
+    def train(protocol: EvalProtocol, key: str) -> None:
+        members = [EvalNet.fresh("ConvNet", experiment.dataset, protocol, 0, (key, k), device) for k in range(nets)]
+        if stacked:
+            train_together(members, images, labels, protocol)
+        else:
+            for member in members:
+                train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
+
+    train(replace(protocol, epochs=0), "warm-up")  # one epoch: first-call costs (and compiling)
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(epochs):
-        train_on_set(net, images, labels, protocol, order, dsa)
+    train(replace(protocol, epochs=epochs - 1), "timed")
     synchronize(device)
     return (time.perf_counter() - start) / epochs
 
@@ -184,11 +193,15 @@ def main() -> None:
     parser.add_argument("--eval_epochs", type=int, default=3, help="timed evaluation epochs (after one warm-up)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network forwards")
+    parser.add_argument("--stacked_nets", type=int, default=5,
+                        help="also time this many ConvNets trained together (vmap) per epoch; 0 skips")
     parser.add_argument("--data_path", default=None)
     args = parser.parse_args()
     keep_freed_memory()
 
-    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", args.precision]
+    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", args.precision,
+            "--compile" if args.compile else "--no-compile"]
     config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
     device = resolve_device(config.device)
     dataset = load_dataset(config, device)
@@ -196,8 +209,11 @@ def main() -> None:
         experiment = Experiment(config, get_method(config.method), dataset, RunDirectory(Path(scratch)), 0, device,
                                 BestOnTest())
         startup = time.perf_counter() - STARTED
-        totals, phases = time_iterations(experiment, args.iterations, device)
-        eval_epoch = time_eval_epochs(experiment, args.eval_epochs, device)
+        first_iteration, totals, phases = time_iterations(experiment, args.iterations, device)
+        eval_epoch = time_eval_epochs(experiment, 1, args.eval_epochs, False, device)
+        peak_memory = peak_memory_mb(device)  # before the stacked nets, whose vmapped activations dwarf a run's
+        stacked_epoch = (time_eval_epochs(experiment, args.stacked_nets, args.eval_epochs, True, device)
+                         if args.stacked_nets else None)
     precision = resolve_precision(config.precision, device)
     seconds = statistics.median(totals)
     tflops = flops_per_iteration(experiment) / 1e12
@@ -206,10 +222,16 @@ def main() -> None:
         "dataset": args.dataset, "ipc": args.ipc, "config": "published (Command.txt MNIST IPC-10 flags)",
         "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
         "phases": {name: round(value, 3) for name, value in phases.items()},
+        "stacked_eval": None if stacked_epoch is None else {
+            "nets": args.stacked_nets, "s_per_epoch": round(stacked_epoch, 3),
+            "peak_memory_mb": round(peak_memory_mb(device)),
+            "speedup_vs_sequential": round(args.stacked_nets * eval_epoch / stacked_epoch, 2)},
         "tflops_per_iteration": round(tflops, 3), "achieved_tflops": round(tflops / seconds, 4),
         "device_peak_tflops": round(peak, 4), "efficiency": round(tflops / seconds / peak, 3),
-        "startup_s": round(startup, 2), "peak_memory_mb": round(peak_memory_mb(device)),
+        "startup_s": round(startup, 2), "first_iteration_s": round(first_iteration, 2),
+        "peak_memory_mb": round(peak_memory),
         "iterations_timed": len(totals), "eval_epochs_timed": args.eval_epochs, "device": str(device),
+        "compile": config.compile,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "amx": ("amx_bf16" in Path("/proc/cpuinfo").read_text()) if device.type == "cpu" else None,
         "bf16_units": cpu_has_bf16_units() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
