@@ -78,6 +78,10 @@ def _tensor_pair(images: Any, labels: Any, path: Path) -> tuple[torch.Tensor, to
 
 def load_set_file(path: Path, experiment: int = 0) -> LoadedSet:
     """Read a set without executing anything in the file (weights_only=True)."""
+    if path.is_dir():
+        sets = sorted((path / "sets").glob("exp*_it*.pt"))
+        example = sets[-1] if sets else path / "sets" / "exp0_it000100.pt"
+        raise DataError(f"{path} is a directory; pass one set file, e.g. {example}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -119,7 +119,8 @@ def test_files_that_are_not_plain_tensors_are_refused_without_running_them(image
     for name, message in (("object.pt", "is not a file of plain tensors that can be loaded safely"),
                           ("text.pt", "is not a file of plain tensors"),
                           ("other.pt", "expected a dict with 'images' and 'labels'"),
-                          ("missing.pt", "no such file")):
+                          ("missing.pt", "no such file"),
+                          (".", "is a directory; pass one set file")):
         assert message in bad_file_message(tmp_path, image_folder, tmp_path / name, capsys, "--dataset", "ImageFolder")
 
 
