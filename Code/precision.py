@@ -23,11 +23,15 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @lru_cache(maxsize=1)
-def cpu_has_bf16_units() -> bool:
-    """Whether the CPU multiplies bf16 in hardware (Linux cpuinfo flags)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return frozenset(cpuinfo.read_text().split() if cpuinfo.exists() else ())
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU multiplies bf16 in hardware."""
+    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -46,12 +46,13 @@ import torch.nn.functional as F  # noqa: E402
 from cli import resolve_config  # noqa: E402
 from config import resolve_device  # noqa: E402
 from distill import BestOnTest, Experiment  # noqa: E402
+from errors import exit_code_of  # noqa: E402
 from evaluation import EvalNet, EvalProtocol, train_on_set, train_together  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
-from precision import autocast, cpu_has_bf16_units, resolve_precision  # noqa: E402
+from precision import autocast, cpu_flags, cpu_has_bf16_units, resolve_precision  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
 
 
@@ -104,7 +105,8 @@ def flops_per_iteration(experiment: Experiment) -> float:
     decoded_per_class = config.ipc * (4 if config.aug else 1)
     real = dataset.num_classes * min(config.batch_real, min(dataset.train.class_sizes())) * forward
     synthetic = dataset.num_classes * decoded_per_class * forward * 2
-    pool = config.fetch_net_num * config.model_train_steps * config.trained_bs * forward * 3
+    pool_batch = min(config.trained_bs, len(dataset.train))
+    pool = config.fetch_net_num * config.model_train_steps * pool_batch * forward * 3
     return config.train_net_num * (real + synthetic) + pool
 
 
@@ -172,11 +174,15 @@ def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bo
 
 
 def cpu_name() -> str:
+    """The model name with family and model numbers (VMs often report only "AMD EPYC")."""
     cpuinfo = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -185,7 +191,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="FashionMNIST")
     parser.add_argument("--ipc", type=int, default=10)
@@ -197,9 +203,11 @@ def main() -> None:
     parser.add_argument("--stacked_nets", type=int, default=5,
                         help="also time this many ConvNets trained together (vmap) per epoch; 0 skips")
     parser.add_argument("--data_path", default=None)
-    args = parser.parse_args()
-    keep_freed_memory()
+    return parser.parse_args(argv)
 
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Measure and print the JSON line."""
     argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", args.precision,
             "--compile" if args.compile else "--no-compile"]
     config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
@@ -219,7 +227,7 @@ def main() -> None:
     tflops = flops_per_iteration(experiment) / 1e12
     peak = peak_tflops(device, precision)
     print(json.dumps({
-        "dataset": args.dataset, "ipc": args.ipc, "config": "published (Command.txt MNIST IPC-10 flags)",
+        "dataset": args.dataset, "ipc": args.ipc, "config": f"published defaults for {args.dataset} IPC {args.ipc}",
         "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
         "phases": {name: round(value, 3) for name, value in phases.items()},
         "stacked_eval": None if stacked_epoch is None else {
@@ -233,12 +241,19 @@ def main() -> None:
         "iterations_timed": len(totals), "eval_epochs_timed": args.eval_epochs, "device": str(device),
         "compile": config.compile,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "amx": ("amx_bf16" in Path("/proc/cpuinfo").read_text()) if device.type == "cpu" else None,
+        "amx": "amx_bf16" in cpu_flags() if device.type == "cpu" else None,
+        "avx512": "avx512f" in cpu_flags() if device.type == "cpu" else None,
         "bf16_units": cpu_has_bf16_units() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
         "threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "precision": "bf16" if precision is not None else "fp32",
     }))
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    keep_freed_memory()
+    return exit_code_of("bench.py", lambda: benchmark(args))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""bench/bench.py runs the loop it measures and reports every figure the speed work is judged by."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_one_json_line_with_every_figure(image_folder: Path) -> None:
+    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
+                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "2", "--device", "cpu",
+                       "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    for seconds in ("s_per_iteration", "s_per_eval_epoch", "startup_s", "first_iteration_s"):
+        assert record[seconds] > 0, seconds
+    assert set(record["phases"]) == {"real_forward", "synthetic", "pool_training", "other"}
+    assert record["stacked_eval"]["nets"] == 2 and record["stacked_eval"]["s_per_epoch"] > 0
+    assert record["achieved_tflops"] > 0 and record["device_peak_tflops"] > 0 and record["efficiency"] > 0
+    assert record["peak_memory_mb"] > 0 and record["threads"] >= 1
+    assert (record["device"], record["precision"], record["compile"]) == ("cpu", "fp32", False)
+    for key in ("device_name", "amx", "avx512", "bf16_units", "torch_version"):
+        assert key in record, key
+
+
+def test_flops_are_counted_from_the_layer_shapes(image_folder: Path) -> None:
+    """By hand, one forward of the 32x32 RGB ConvNet: 2 x multiply-adds of
+    conv1 32*32*128*27 + conv2 16*16*128*128*9 + conv3 8*8*128*128*9 + fc 2048*3 = 101.5 MFLOP.
+    The generated folder has 24 training images, 8 per class, so an IPC-2 iteration is
+    3 classes x 8 real forwards + 3 x 8 decoded images x 2 (fwd + input grad)
+    + 2 nets x 10 steps x 24 images x 3 (fwd + full backward) = 1512 forwards."""
+    forward = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 128 * 9 + 8 * 8 * 128 * 128 * 9 + 2048 * 3)
+    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
+                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "0", "--device", "cpu")
+    record = json.loads(result.stdout)
+    assert record["tflops_per_iteration"] == round(1512 * forward / 1e12, 3)
+    assert record["stacked_eval"] is None
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    result = run_bench("--dataset", "ImageFolder", "--data_path", str(tmp_path / "missing"), "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("bench.py: error: ImageFolder:")
+    assert len(result.stderr.strip().splitlines()) == 1
