@@ -88,3 +88,12 @@ def test_compile_without_a_compiler_fails_before_the_run(monkeypatch: pytest.Mon
     net = networks.get_network("ConvNet", 1, 3, (16, 16))
     with pytest.raises(ConfigError, match="C\\+\\+ compiler.*without --compile"):
         networks.compile_network(net)
+
+
+def test_compiled_bf16_matches_eager_bf16(image_folder: Path, tmp_path: Path) -> None:
+    """The AMX/CUDA fast path (bf16 autocast inside compiled graphs) runs and agrees with eager bf16
+    to bf16 rounding (1 %)."""
+    eager = first_update_terms(image_folder, tmp_path, "eager-bf16", precision="bf16")
+    compiled = first_update_terms(image_folder, tmp_path, "compiled-bf16", precision="bf16", compile=True)
+    for term in ("loss", "nll", "tv", "syn_ce"):
+        assert compiled[term] == pytest.approx(eager[term], rel=0.01), term
