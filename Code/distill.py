@@ -241,6 +241,9 @@ class Experiment:
             self.log.restart_clock()
             for it in progress:
                 self.next_iteration = self.health.iteration = it
+                if it == config.Iteration and self.log.steps:
+                    self.health.raise_if_bad()
+                    self.write_log(it - 1, progress)  # the iterations since the last record
                 if self.is_evaluation_point(it) and self.evaluated_at != it:
                     self.health.raise_if_bad()
                     self.final = self.evaluate(it, final=it == config.Iteration)
@@ -248,8 +251,6 @@ class Experiment:
                     self.evaluated_at = it
                     checkpoints.save(self)
                 if it == config.Iteration:
-                    if self.log.steps:
-                        self.write_log(it - 1, progress)  # the iterations since the last record
                     break
                 if self.method.network_pool:
                     self.pool_iteration(it)

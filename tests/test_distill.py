@@ -91,6 +91,13 @@ def test_evaluation_points_are_positive_multiples_and_the_last_iteration(image_f
     assert [r["iteration"] for r in records if r["event"] == "eval"] == [2, 4, 5]
 
 
+def test_the_last_training_record_comes_before_the_final_evaluation(image_folder: Path, tmp_path: Path) -> None:
+    run(tiny_config(image_folder, tmp_path, Iteration=5, eval_interval=5, log_every=100, num_exp=1, num_eval=1,
+                    epoch_eval_train=0))
+    records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["iteration"]) for r in records] == [("train", 0), ("train", 4), ("eval", 5)]
+
+
 def test_the_final_point_evaluates_the_whole_eval_pool(image_folder: Path, tmp_path: Path) -> None:
     results = run(tiny_config(image_folder, tmp_path, num_exp=1, num_eval=1, epoch_eval_train=0, eval_mode="P"))
     records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
