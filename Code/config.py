@@ -104,7 +104,7 @@ class Config:
     precision: str = option("auto", "convolutions in fp32 or bf16 autocast; auto = bf16 where the device has "
                             "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
-                               "only (3x slower than one after another on a 2-core CPU); off forces sequential",
+                               "only (2-3x slower than one after another on a 2-core CPU); off forces sequential",
                                SPEED, ("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the network forwards (fuses norm, activation and pooling); "
                            "adds tens of seconds of compiling to the first iteration and evaluation", SPEED)
