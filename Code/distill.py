@@ -241,16 +241,17 @@ class Experiment:
             self.log.restart_clock()
             for it in progress:
                 self.next_iteration = self.health.iteration = it
-                if it == config.Iteration and self.log.steps:
+                last = it == config.Iteration
+                if last and self.log.steps:
                     self.health.raise_if_bad()
                     self.write_log(it - 1, progress)  # the iterations since the last record
                 if self.is_evaluation_point(it) and self.evaluated_at != it:
                     self.health.raise_if_bad()
-                    self.final = self.evaluate(it, final=it == config.Iteration)
+                    self.final = self.evaluate(it, final=last)
                     self.pool.reset_meters()
                     self.evaluated_at = it
                     checkpoints.save(self)
-                if it == config.Iteration:
+                if last:
                     break
                 if self.method.network_pool:
                     self.pool_iteration(it)

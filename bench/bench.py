@@ -31,10 +31,10 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-from dataclasses import replace  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
 
@@ -52,7 +52,7 @@ from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
-from precision import autocast, cpu_flags, cpu_has_bf16_units, resolve_precision  # noqa: E402
+from precision import autocast, cpu_flags, cpu_has_bf16_units  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def forward_flops_per_image(experiment: Experiment) -> float:
 def flops_per_iteration(experiment: Experiment) -> float:
     config, dataset = experiment.config, experiment.dataset
     forward = forward_flops_per_image(experiment)
-    decoded_per_class = config.ipc * (4 if config.aug else 1)
+    decoded_per_class = len(experiment.synset.training_set()[1]) // dataset.num_classes
     real = dataset.num_classes * min(config.batch_real, min(dataset.train.class_sizes())) * forward
     synthetic = dataset.num_classes * decoded_per_class * forward * 2
     pool_batch = min(config.trained_bs, len(dataset.train))
@@ -222,7 +222,7 @@ def benchmark(args: argparse.Namespace) -> None:
         peak_memory = peak_memory_mb(device)  # before the stacked nets, whose vmapped activations dwarf a run's
         stacked_epoch = (time_eval_epochs(experiment, args.stacked_nets, args.eval_epochs, True, device)
                          if args.stacked_nets else None)
-    precision = resolve_precision(config.precision, device)
+    precision = experiment.precision
     seconds = statistics.median(totals)
     tflops = flops_per_iteration(experiment) / 1e12
     peak = peak_tflops(device, precision)
