@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 from functools import lru_cache, partial
+from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
@@ -336,6 +337,24 @@ def require_compiler() -> None:
                           "(e.g. apt-get install g++, or set CXX) or run without --compile")
 
 
+@lru_cache(maxsize=1)
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels between runs (set before the first compile).
+
+    ``TORCHINDUCTOR_CACHE_DIR`` when given, else inductor's default folder, with
+    the ATen capability appended when ``ATEN_CPU_CAPABILITY`` is set: inductor's
+    cache key leaves that variable out, and kernels generated under one
+    capability fail to build under another ("'at::vec' has not been declared").
+    """
+    chosen = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # read before importing inductor, which sets it
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not chosen and capability:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
+    return Path(cache_dir())
+
+
 def compile_network(net: Network) -> Network:
     """Route ``net``'s forward and embed through torch.compile (``--compile``).
 
@@ -345,6 +364,7 @@ def compile_network(net: Network) -> Network:
     growing pool compiles once per input shape and grad mode, not once per net.
     """
     require_compiler()
+    compile_cache_dir()
     net.forward = torch.compile(net.forward)
     net.embed = torch.compile(net.embed)
     return net

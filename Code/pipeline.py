@@ -14,13 +14,16 @@ from typing import Any
 import torch
 
 from checkpoint import Checkpoint, Checkpoints, RunProgress
-from config import Config, below_published, departures_from_reference, resolve_device, validate_against_data
+from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
+                    validate_against_data)
 from data import DataOptions, Dataset, get_dataset
 from distill import BestOnTest, Experiment
 from errors import Interrupted
 from evaluation import summarize
 from methods import get_method
+from networks import compile_cache_dir
 from outputs import RunDirectory, default_run_name, ensure_writable
+from precision import resolve_precision
 
 
 def load_dataset(config: Config, device: torch.device) -> Dataset:
@@ -39,7 +42,7 @@ def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: Ru
         print(f"{label}, not the paper protocol: {listed}", flush=True)
     if config.compile:
         print("--compile: the first iteration and the first evaluation also compile the networks (tens of "
-              "seconds on a CPU); compiled code is cached on disk for later runs", flush=True)
+              f"seconds on a CPU); compiled code is cached in {compile_cache_dir()} for later runs", flush=True)
 
 
 def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
@@ -51,6 +54,12 @@ def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, 
     return {model: {**summarize(values), "accuracies": values} for model, values in pooled.items()}
 
 
+def compute_path(config: Config, device: torch.device) -> dict[str, Any]:
+    """How the numbers were computed, as resolved on ``device`` (``auto`` settings differ between machines)."""
+    return {"precision": "bf16" if resolve_precision(config.precision, device) is not None else "fp32",
+            "eval_stacked": resolve_eval_batched(config.eval_batched, device), "compiled": config.compile}
+
+
 def results_record(config: Config, final: dict[str, dict[str, Any]], device: torch.device,
                    run_dir: RunDirectory, seconds: float, **overrides: Any) -> dict[str, Any]:
     """The results.json schema shared by distillation runs and evaluate.py; ``overrides``
@@ -59,7 +68,7 @@ def results_record(config: Config, final: dict[str, dict[str, Any]], device: tor
     departures = departures_from_reference(config)
     record = {
         "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
-        "aug": config.aug, "seed": config.seed, "device": str(device),
+        "aug": config.aug, "seed": config.seed, "device": str(device), **compute_path(config, device),
         "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
         "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
         "reduced_budget": below_published(departures), "departures_from_published": departures,

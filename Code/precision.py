@@ -12,6 +12,7 @@ convolutions (losses.py casts the features, parameters stay fp32).
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import ContextManager
@@ -20,6 +21,9 @@ import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) that exclude its bf16 instructions.
+ISA_CAPS_WITHOUT_BF16 = frozenset({"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core",
+                                   "avx512_core_vnni"})
 
 
 @lru_cache(maxsize=1)
@@ -30,8 +34,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_bf16_units() -> bool:
-    """Whether the CPU multiplies bf16 in hardware."""
-    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS)
+    """Whether the CPU multiplies bf16 in hardware and oneDNN may use those instructions.
+
+    ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) set below
+    AVX512_CORE_BF16 makes oneDNN emulate bf16, so the units count as absent.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).lower()
+    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS) and cap not in ISA_CAPS_WITHOUT_BF16
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -9,6 +9,8 @@ from config import resolve_eval_batched
 from data import DataOptions, get_dataset
 from evaluation import (EvalNet, EvalProtocol, evaluate_model, evaluate_model_stacked, evaluate_set, train_on_set,
                         train_together)
+from helpers import UPDATE_TOLERANCE, parameters_of, update_distances
+from precision import resolve_precision
 
 CPU = torch.device("cpu")
 KEYS = [("test", k) for k in range(3)]
@@ -20,25 +22,48 @@ def small(image_folder: Path):
     return dataset, dataset.train.fetch(torch.arange(24)), dataset.train.labels[:24]
 
 
-def test_stacked_training_matches_sequential_training_in_fp32(small) -> None:
-    """Tolerance 1e-5: the same updates, computed by different kernels (rounding only)."""
-    dataset, images, labels = small
-    protocol = EvalProtocol(epochs=3, batch_train=8)
+def train_both_ways(dataset, images: torch.Tensor, labels: torch.Tensor,
+                    protocol: EvalProtocol) -> list[dict[str, dict[str, float]]]:
+    """Train the networks of KEYS one after another and together; per network, each layer's distance
+    between the two trainings relative to the sequential update (helpers.update_distances)."""
     alone = [EvalNet.fresh("ConvNet", dataset, protocol, 0, key, CPU) for key in KEYS]
+    initial = [parameters_of(member.net) for member in alone]
     for member in alone:
         train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
     together = [EvalNet.fresh("ConvNet", dataset, protocol, 0, key, CPU) for key in KEYS]
     stacked = train_together(together, images, labels, protocol)
-    for k, member in enumerate(alone):
-        for name, param in member.net.named_parameters():
-            assert torch.allclose(param, stacked.params[name][k], atol=1e-5), name
+    return [update_distances({name: param[k] for name, param in stacked.params.items()},
+                             parameters_of(member.net), initial[k]) for k, member in enumerate(alone)]
+
+
+def test_one_stacked_sgd_step_is_the_sequential_step_up_to_rounding(small) -> None:
+    """One step on the whole set: the same gradient and update rule, computed by other kernels (vmap
+    makes the K convolutions one grouped convolution), so the updates agree to fp32 rounding of
+    their size (1e-5 measured), far inside UPDATE_TOLERANCE; a learning rate 10 % off is 0.1."""
+    dataset, images, labels = small
+    protocol = EvalProtocol(epochs=0, batch_train=len(images), precision=resolve_precision("fp32", CPU))
+    for distances in train_both_ways(dataset, images, labels, protocol):
+        assert max(distances.values()) < UPDATE_TOLERANCE, distances
+
+
+def test_stacked_training_follows_the_sequential_trajectory(small) -> None:
+    """Four epochs of three steps, through the learning-rate drop: the rounding of each step carries
+    into the next but does not grow much over 12 steps (5e-6 measured). Momentum, weight decay, the
+    optimiser reset at the drop and each network's own DSA draws all show here: momentum 0.8 instead
+    of 0.9 moves a layer by 0.25 of its update, a network trained without DSA by 0.7."""
+    dataset, images, labels = small
+    protocol = EvalProtocol(epochs=3, batch_train=8, precision=resolve_precision("fp32", CPU))
+    for distances in train_both_ways(dataset, images, labels, protocol):
+        assert max(distances.values()) < UPDATE_TOLERANCE, distances
 
 
 def test_stacked_and_sequential_evaluation_give_the_same_accuracies(small) -> None:
+    """Identical accuracies: the weights agree to rounding (above), far below the logit margins of the
+    generated classes, so no test image changes side."""
     dataset, images, labels = small
-    protocol = EvalProtocol(epochs=2, batch_train=8)
+    protocol = EvalProtocol(epochs=2, batch_train=8, precision=resolve_precision("fp32", CPU))
     sequential = [evaluate_model("ConvNet", images, labels, dataset, protocol, 0, key) for key in KEYS]
-    assert evaluate_model_stacked("ConvNet", images, labels, dataset, protocol, 0, KEYS) == pytest.approx(sequential)
+    assert evaluate_model_stacked("ConvNet", images, labels, dataset, protocol, 0, KEYS) == sequential
 
 
 def test_batchnorm_models_fall_back_to_sequential(small) -> None:

@@ -177,6 +177,9 @@ def test_accuracy_meter_is_zero_when_empty_and_cumulative_in_percent() -> None:
 
 def test_ipc1_rules_keep_the_real_images_with_lowest_cross_entropy(experiment: Experiment,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept features are those of the 3 lowest-CE images, computed on a batch of 6 instead of 3:
+    convolution kernels may sum in another order per batch size, so they agree to fp32 rounding of
+    instance-normalised features (unit scale): 1e-5 absolute."""
     monkeypatch.setattr(distill, "IPC1_KEEP", 3)
     experiment.ipc1_rules = True
     experiment.pool.push(1)
@@ -187,7 +190,7 @@ def test_ipc1_rules_keep_the_real_images_with_lowest_cross_entropy(experiment: E
         ce = torch.nn.functional.cross_entropy(net(real), torch.ones(6, dtype=torch.long), reduction="none")
         expected = net.embed(real[ce.argsort()[:3]], experiment.config.embed_last)
     assert kept.shape[0] == 3
-    assert torch.allclose(kept.sort(dim=0).values, expected.sort(dim=0).values)
+    torch.testing.assert_close(kept.sort(dim=0).values, expected.sort(dim=0).values, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluation_trains_epochs_plus_one_and_drops_the_lr_after_half(image_folder: Path,

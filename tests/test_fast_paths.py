@@ -1,5 +1,8 @@
 """The fast paths (--precision bf16, --compile) compute what the fp32 eager path does, within stated tolerances."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from data import DataOptions, get_dataset
 from distill import BestOnTest, Experiment
 from errors import ConfigError
 from evaluation import EvalNet, EvalProtocol, train_on_set
+from helpers import CODE_DIR, UPDATE_TOLERANCE, parameters_of, update_distances
 from methods import get_method
 from outputs import RunDirectory
 
@@ -31,6 +35,20 @@ def test_auto_uses_bf16_only_where_the_cpu_has_bf16_units(monkeypatch: pytest.Mo
     assert precision.resolve_precision("auto", CPU) is expected
 
 
+@pytest.mark.parametrize("cap, usable", [(None, True), ("AVX2", False), ("avx512_core", False),
+                                         ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True)])
+def test_bf16_units_count_only_where_onednn_may_use_them(monkeypatch: pytest.MonkeyPatch, cap: str | None,
+                                                         usable: bool) -> None:
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes oneDNN emulate bf16, so auto keeps fp32 there."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.cpu_has_bf16_units() is usable
+
+
 def first_update_terms(folder: Path, tmp_path: Path, name: str, **speed: Any) -> dict[str, float]:
     """Loss terms of the first image update (class 0) after one round of pool training, same seed."""
     config = Config(dataset="ImageFolder", data_path=str(folder), im_size=16, ipc=2, batch_real=6, trained_bs=8,
@@ -46,19 +64,29 @@ def first_update_terms(folder: Path, tmp_path: Path, name: str, **speed: Any) ->
     return {name: float(value.detach()) for name, value in logged[0].items()}
 
 
-def test_bf16_losses_match_fp32_within_two_percent(image_folder: Path, tmp_path: Path) -> None:
-    """The tolerance: bf16 keeps 8 mantissa bits (relative error ~0.4 % per op) through three conv blocks."""
+# bf16 keeps 8 significant bits: each rounding is off by up to u = 2^-8 (0.4 %) of the value. The
+# loss terms pass through three conv blocks whose outputs are rounded, but each is a sum over
+# thousands of features whose errors partly cancel: measured 0.02-0.2 % from fp32 (AMD Zen 4), and
+# 0.15 % between compiled and eager bf16, which round at different places. 2 % (5 u) leaves room for
+# other kernels; a pool-training learning rate 10 % off moves syn_ce by 9 %.
+BF16_TOLERANCE = 0.02
+BF16_TERMS = ("loss", "nll", "tv", "syn_ce")
+
+
+def test_bf16_losses_match_fp32_within_bf16_rounding(image_folder: Path, tmp_path: Path) -> None:
+    """The same first update (after the same pool training) in bf16 and in fp32: terms within
+    BF16_TOLERANCE of each other."""
     fp32 = first_update_terms(image_folder, tmp_path, "fp32", precision="fp32")
     bf16 = first_update_terms(image_folder, tmp_path, "bf16", precision="bf16")
-    for term in ("loss", "nll", "syn_ce"):
-        assert bf16[term] == pytest.approx(fp32[term], rel=0.02), term
-    assert bf16["tv"] == pytest.approx(fp32["tv"], rel=0.05, abs=1e-3)
+    for term in BF16_TERMS:
+        assert bf16[term] == pytest.approx(fp32[term], rel=BF16_TOLERANCE), term
     assert fp32 != bf16  # the bf16 path really ran in bf16
 
 
-def test_compiled_losses_match_eager_within_1e4(image_folder: Path, tmp_path: Path) -> None:
-    """Compiled kernels fuse and reorder float sums, nothing else: pool training, the embeddings
-    and every loss term agree with eager fp32 to float rounding (tolerance 1e-4 relative)."""
+def test_compiled_losses_match_eager_within_fp32_rounding(image_folder: Path, tmp_path: Path) -> None:
+    """Compiled kernels fuse and reorder fp32 sums, nothing else: after the same pool training the
+    first update's terms agree with eager fp32 to rounding (2e-7 relative measured; bound 1e-4, and
+    a learning rate 10 % off in the compiled nets moves syn_ce by 9 %)."""
     torch._dynamo.reset()  # compile afresh, so the graph count below proves the compiled path ran
     torch._dynamo.utils.counters.clear()
     eager = first_update_terms(image_folder, tmp_path, "eager", precision="fp32")
@@ -69,17 +97,19 @@ def test_compiled_losses_match_eager_within_1e4(image_folder: Path, tmp_path: Pa
 
 
 def test_compiled_evaluation_trains_like_eager(image_folder: Path) -> None:
-    """One evaluation epoch (DSA, SGD with momentum) gives the same weights to 1e-4."""
+    """One evaluation epoch (two steps: DSA, SGD with momentum), compiled and eager from the same
+    initialisation, end within fp32 rounding of the update (helpers.UPDATE_TOLERANCE)."""
     dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
     images, labels = dataset.train.fetch(torch.arange(12)), dataset.train.labels[:12]
-    trained = []
+    trained, initial = [], {}
     for compiled in (False, True):
-        protocol = EvalProtocol(epochs=0, batch_train=8, compiled=compiled)
+        protocol = EvalProtocol(epochs=0, batch_train=8, compiled=compiled, precision=precision.resolve_precision("fp32", CPU))
         member = EvalNet.fresh("ConvNet", dataset, protocol, 0, ("same",), CPU)
+        initial = parameters_of(member.net)
         train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
-        trained.append(member.net.state_dict())
-    for name, eager in trained[0].items():
-        torch.testing.assert_close(trained[1][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+        trained.append(parameters_of(member.net))
+    distances = update_distances(trained[1], trained[0], initial)
+    assert max(distances.values()) < UPDATE_TOLERANCE, distances
 
 
 def test_compile_without_a_compiler_fails_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,8 +122,21 @@ def test_compile_without_a_compiler_fails_before_the_run(monkeypatch: pytest.Mon
 
 def test_compiled_bf16_matches_eager_bf16(image_folder: Path, tmp_path: Path) -> None:
     """The AMX/CUDA fast path (bf16 autocast inside compiled graphs) runs and agrees with eager bf16
-    to bf16 rounding (1 %)."""
+    within BF16_TOLERANCE: both round to bf16, at different places."""
     eager = first_update_terms(image_folder, tmp_path, "eager-bf16", precision="bf16")
     compiled = first_update_terms(image_folder, tmp_path, "compiled-bf16", precision="bf16", compile=True)
-    for term in ("loss", "nll", "tv", "syn_ce"):
-        assert compiled[term] == pytest.approx(eager[term], rel=0.01), term
+    for term in BF16_TERMS:
+        assert compiled[term] == pytest.approx(eager[term], rel=BF16_TOLERANCE), term
+
+
+@pytest.mark.parametrize("environment, folder_name", [({"ATEN_CPU_CAPABILITY": "avx2"}, "_avx2"),
+                                                      ({"TORCHINDUCTOR_CACHE_DIR": "{tmp}/mine"}, "mine")])
+def test_compiled_kernels_are_cached_per_aten_capability(tmp_path: Path, environment: dict[str, str],
+                                                         folder_name: str) -> None:
+    """Inductor's cache key omits ATEN_CPU_CAPABILITY and its kernels then fail to build under another
+    capability, so each capability gets its own folder; a folder the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
+    env.update({k: v.format(tmp=tmp_path) for k, v in environment.items()})
+    shown = subprocess.run([sys.executable, "-c", "import networks; print(networks.compile_cache_dir())"],
+                           cwd=CODE_DIR, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert shown.endswith(folder_name)

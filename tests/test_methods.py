@@ -81,6 +81,9 @@ def first_step_record(experiment: Experiment, monkeypatch: pytest.MonkeyPatch) -
 
 def test_idm_and_bacon_differ_only_in_the_matching_term(image_folder: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same seed, same nets: the synthetic CE and its weight are identical, only the matching term
+    differs. The CE part is recovered as loss minus matching term, which cancels in fp32: it is exact
+    up to a few roundings of the loss itself (8 eps x |loss|)."""
     bacon = first_step_record(experiment_for(image_folder, tmp_path, "bacon", aug=False), monkeypatch)
     idm = first_step_record(experiment_for(image_folder, tmp_path, "idm", aug=False), monkeypatch)
     assert torch.equal(bacon["syn_ce"], idm["syn_ce"]) and torch.equal(bacon["syn_acc"], idm["syn_acc"])
@@ -88,6 +91,7 @@ def test_idm_and_bacon_differ_only_in_the_matching_term(image_folder: Path, tmp_
     bacon_match = bacon["nll"] + 0.8 * bacon["tv"] + 0.2 * bacon["clip"]
     ce_part_bacon = bacon["loss"] - bacon_match
     ce_part_idm = idm["loss"] - idm["mean_distance"]
-    assert ce_part_bacon.item() == pytest.approx(ce_part_idm.item(), rel=1e-5)
+    rounding = 8 * torch.finfo(torch.float32).eps * max(bacon["loss"].abs().item(), idm["loss"].abs().item())
+    assert ce_part_bacon.item() == pytest.approx(ce_part_idm.item(), rel=0, abs=rounding)
     assert ce_part_idm > 0
     assert not torch.isclose(bacon["loss"], idm["loss"])

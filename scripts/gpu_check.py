@@ -1,0 +1,299 @@
+"""Does every CUDA path work? One command that answers on a machine with a GPU.
+
+The CUDA defaults differ from the CPU ones: ``--precision auto`` is bf16
+autocast, ``--eval_batched auto`` trains the evaluation networks together
+(vmap), the real-batch and DSA generators live on the GPU. The test suite runs
+on CPUs only, so these paths are checked here, through the project's own entry
+points as a user runs them, on real Fashion-MNIST with tiny budgets (a few
+minutes in all on one GPU). Each check prints one line, ``ok`` or ``FAILED``
+with the reason.
+
+    bash scripts/gpu_check.sh [--data_path DIR] [--only NAME,...] [--keep DIR]
+
+Exit codes: 0 every check passed, 1 some failed, 2 no CUDA device (or bad
+arguments). ``--rehearse_on_cpu`` runs the same checks on the CPU, with bf16
+and stacked evaluation asked for explicitly: it tests this harness, not CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CODE = REPO / "Code"
+BENCH = REPO / "bench" / "bench.py"
+METHODS = ("bacon", "idm", "dm")
+CHANCE_PERCENT = 10.0  # Fashion-MNIST has 10 classes
+TINY_RUN = ["--dataset", "FashionMNIST", "--ipc", "2", "--Iteration", "4", "--eval_interval", "2", "--num_exp", "1",
+            "--num_eval", "2", "--epoch_eval_train", "20", "--batch_real", "128", "--trained_bs", "128",
+            "--model_train_steps", "2", "--log_every", "1"]
+FINAL_SET = "exp0_it000004.pt"
+RESUME_ITERATIONS, KILL_AFTER = 30, 5  # long enough that a GPU is still running when the kill comes
+
+
+class CheckFailed(Exception):
+    """A check's reason for failing, printed on its line."""
+
+
+@dataclass
+class Context:
+    """What every check shares: the interpreter, a scratch directory and the device flags."""
+
+    python: str
+    work: Path
+    data_path: str | None
+    rehearsal: bool
+    timeout_s: float
+    sets: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.rehearsal else "cuda"
+
+    def defaults_flags(self) -> list[str]:
+        """The device's defaults; a rehearsal asks for the CUDA defaults by name."""
+        rehearse = ["--precision", "bf16", "--eval_batched", "on"] if self.rehearsal else []
+        return ["--device", self.device, *rehearse]
+
+    def data_flags(self) -> list[str]:
+        return ["--data_path", self.data_path] if self.data_path else []
+
+
+def one_line(text: str) -> str:
+    """The last non-empty line of a process's output: where errors and tracebacks end."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def run_process(context: Context, script: Path, args: Sequence[str]) -> subprocess.CompletedProcess:
+    """Run a project script as a user would (from Code/); a non-zero exit fails the check."""
+    command = [context.python, str(script), *args]
+    try:
+        done = subprocess.run(command, cwd=CODE, capture_output=True, text=True, timeout=context.timeout_s,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        raise CheckFailed(f"{script.name} ran past {context.timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        raise CheckFailed(f"{script.name} exited {done.returncode}: {one_line(done.stderr or done.stdout)}")
+    return done
+
+
+def distil_args(context: Context, method: str, name: str, *flags: str) -> list[str]:
+    """BACON_mnist.py's arguments for a tiny Fashion-MNIST run written to ``work/name``."""
+    return [*TINY_RUN, "--method", method, *context.data_flags(), *flags, "--save_path", str(context.work),
+            "--run_name", name]
+
+
+def distil(context: Context, method: str, name: str, *flags: str) -> dict:
+    """A tiny Fashion-MNIST distillation; returns its results.json."""
+    run_process(context, CODE / "BACON_mnist.py", distil_args(context, method, name, *flags))
+    return json.loads((context.work / name / "results.json").read_text())
+
+
+def expect_results(results: dict, context: Context, precision: str, stacked: bool, compiled: bool = False) -> str:
+    """The run used the path it was meant to, and its networks learned (better than chance)."""
+    used = (results["device"].split(":")[0], results["precision"], results["eval_stacked"], results["compiled"])
+    wanted = (context.device, precision, stacked, compiled)
+    if used != wanted:
+        raise CheckFailed("ran with device {}, precision {}, stacked evaluation {}, compiled {}; expected "
+                          "{}, {}, {}, {}".format(*used, *wanted))
+    accuracy = results["result"]["mean"]
+    if not (math.isfinite(accuracy) and CHANCE_PERCENT < accuracy <= 100.0):
+        raise CheckFailed(f"final accuracy {accuracy} % is not above chance ({CHANCE_PERCENT:.0f} %)")
+    return f"{results['result']['model']} {accuracy:.1f} % over {results['result']['n']} nets, {precision}, " \
+        f"{'stacked' if stacked else 'sequential'} evaluation on {results['device']}"
+
+
+def check_defaults(method: str) -> Callable[[Context], str]:
+    def check(context: Context) -> str:
+        name = f"defaults-{method}"
+        results = distil(context, method, name, *context.defaults_flags())
+        context.sets[method] = context.work / name / "sets" / FINAL_SET
+        return expect_results(results, context, "bf16", stacked=True)
+    return check
+
+
+def check_fp32_sequential(method: str) -> Callable[[Context], str]:
+    def check(context: Context) -> str:
+        results = distil(context, method, f"fp32-{method}", "--device", context.device, "--precision", "fp32",
+                         "--eval_batched", "off")
+        return expect_results(results, context, "fp32", stacked=False)
+    return check
+
+
+def check_compile(context: Context) -> str:
+    results = distil(context, "bacon", "compiled", *context.defaults_flags(), "--compile")
+    return expect_results(results, context, "bf16", stacked=True, compiled=True)
+
+
+def wait_for_iteration(run_dir: Path, iteration: int, process: subprocess.Popen, stderr: Path,
+                       timeout_s: float) -> None:
+    """Block until metrics.jsonl has a training record at ``iteration`` or later."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        for line in lines:
+            record = json.loads(line) if line.endswith("}") else {}
+            if record.get("event") == "train" and record["iteration"] >= iteration:
+                return
+        if process.poll() is not None:
+            raise CheckFailed(f"the run ended before iteration {iteration}: {one_line(stderr.read_text())}")
+        time.sleep(0.02)
+    raise CheckFailed(f"the run did not reach iteration {iteration} in {timeout_s:.0f} s")
+
+
+def final_set(context: Context, name: str) -> torch.Tensor:
+    return torch.load(context.work / name / "sets" / f"exp0_it{RESUME_ITERATIONS:06d}.pt", weights_only=True)["images"]
+
+
+def records(context: Context, name: str) -> list[tuple[str, int]]:
+    lines = (context.work / name / "metrics.jsonl").read_text().splitlines()
+    return [(record["event"], record["iteration"]) for record in map(json.loads, lines)]
+
+
+def check_resume(context: Context) -> str:
+    """SIGKILL mid-run, then --resume: every record once, and the set as close to an uninterrupted
+    run's as two uninterrupted runs are to each other (CUDA kernels with atomics are not bit-exact)."""
+    longer = ["--Iteration", str(RESUME_ITERATIONS), "--eval_interval", str(RESUME_ITERATIONS // 2),
+              "--checkpoint_every", "1", *context.defaults_flags()]
+    for name in ("whole-a", "whole-b"):
+        distil(context, "bacon", name, *longer)
+    stderr = context.work / "killed.stderr"
+    with stderr.open("w") as sink:
+        process = subprocess.Popen([context.python, str(CODE / "BACON_mnist.py"),
+                                    *distil_args(context, "bacon", "killed", *longer)],
+                                   cwd=CODE, stdout=subprocess.DEVNULL, stderr=sink)
+        try:
+            wait_for_iteration(context.work / "killed", KILL_AFTER, process, stderr, context.timeout_s)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    if process.returncode != -signal.SIGKILL:
+        raise CheckFailed(f"the run ended by itself (exit {process.returncode}) before the kill; "
+                          "raise RESUME_ITERATIONS in scripts/gpu_check.py")
+    run_process(context, CODE / "BACON_mnist.py", ["--resume", str(context.work / "killed")])
+    if records(context, "killed") != records(context, "whole-a"):
+        raise CheckFailed("the resumed run's metrics.jsonl does not hold every record exactly once")
+    noise = (final_set(context, "whole-a") - final_set(context, "whole-b")).abs().max().item()
+    resumed = (final_set(context, "killed") - final_set(context, "whole-a")).abs().max().item()
+    if not resumed <= 10 * noise + 1e-5:
+        raise CheckFailed(f"the resumed set differs from an uninterrupted one by {resumed:.2e}, two "
+                          f"uninterrupted runs by {noise:.2e}")
+    exact = "bit-identical" if resumed == 0 else f"within {resumed:.1e} (two whole runs: {noise:.1e})"
+    return f"killed after iteration {KILL_AFTER} and resumed: {exact}"
+
+
+def check_evaluate(context: Context) -> str:
+    set_file = context.sets.get("bacon")
+    if set_file is None or not set_file.is_file():
+        raise CheckFailed("needs the set saved by defaults-bacon, which did not run or failed")
+    run_process(context, CODE / "evaluate.py", [str(set_file), *context.data_flags(), *context.defaults_flags(),
+                                                "--num_eval", "2", "--epoch_eval_train", "20",
+                                                "--save_path", str(context.work), "--run_name", "evaluated"])
+    results = json.loads((context.work / "evaluated" / "results.json").read_text())
+    return expect_results(results, context, "bf16", stacked=True)
+
+
+def check_bench(context: Context) -> str:
+    done = run_process(context, BENCH, ["--dataset", "FashionMNIST", "--ipc", "10", "--iterations", "1",
+                                        "--eval_epochs", "1", "--device", context.device, *context.data_flags()])
+    lines = done.stdout.strip().splitlines()
+    try:
+        record = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise CheckFailed(f"bench.py printed no JSON line: {one_line(done.stdout)}") from None
+    return (f"{record['s_per_iteration']} s/iteration, {record['s_per_eval_epoch']} s/eval epoch, "
+            f"efficiency {record['efficiency']} on {record['device_name']} ({record['precision']})")
+
+
+CHECKS: dict[str, Callable[[Context], str]] = {
+    **{f"defaults-{method}": check_defaults(method) for method in METHODS},
+    **{f"fp32-sequential-{method}": check_fp32_sequential(method) for method in METHODS},
+    "resume": check_resume,
+    "compile": check_compile,
+    "evaluate": check_evaluate,
+    "bench": check_bench,
+}
+
+
+def run_checks(checks: dict[str, Callable[[Context], str]], context: Context, out=print) -> int:
+    """Run every check, one line each; 0 if all passed, else 1."""
+    failed = 0
+    width = max(map(len, checks))
+    for name, check in checks.items():
+        started = time.perf_counter()
+        try:
+            detail = check(context)
+        except CheckFailed as reason:
+            failed += 1
+            out(f"FAILED  {name:<{width}}  {reason}")
+            continue
+        except Exception as error:  # a bug in the harness itself: say so, keep checking
+            failed += 1
+            out(f"FAILED  {name:<{width}}  harness error {type(error).__name__}: {error}")
+            continue
+        out(f"ok      {name:<{width}}  {detail} ({time.perf_counter() - started:.0f} s)")
+    out(f"{len(checks) - failed} of {len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"gpu_check: error: {message}; see --help\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path", help="directory holding the Fashion-MNIST idx files (plain or .gz); "
+                        "default: the project's data folder, then the Debian package's")
+    parser.add_argument("--only", help=f"comma-separated checks to run (default all): {', '.join(CHECKS)}")
+    parser.add_argument("--keep", metavar="DIR", help="write the runs into DIR and keep them (default: a temporary "
+                        "directory, removed at the end)")
+    parser.add_argument("--timeout_s", type=float, default=300.0, help="limit for each process (default 300)")
+    parser.add_argument("--list", action="store_true", help="print the checks and exit")
+    parser.add_argument("--rehearse_on_cpu", action="store_true",
+                        help="run the checks on the CPU with the CUDA defaults asked for by name (tests this "
+                        "harness, not CUDA)")
+    args = parser.parse_args(argv)
+    if args.only:
+        unknown = [name for name in args.only.split(",") if name not in CHECKS]
+        if unknown:
+            parser.error(f"unknown check {unknown[0]!r}; valid checks: {', '.join(CHECKS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(CHECKS))
+        return 0
+    if not args.rehearse_on_cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine "
+              "with an NVIDIA GPU (--rehearse_on_cpu exercises the harness on the CPU)", file=sys.stderr)
+        return 2
+    chosen = {name: CHECKS[name] for name in (args.only.split(",") if args.only else CHECKS)}
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
+        work = Path(args.keep) if args.keep else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        context = Context(sys.executable, work, args.data_path, args.rehearse_on_cpu, args.timeout_s)
+        where = "the CPU (rehearsal: not a GPU check)" if args.rehearse_on_cpu else torch.cuda.get_device_name(0)
+        print(f"gpu_check on {where}, torch {torch.__version__}, runs in {work}", flush=True)
+        return run_checks(chosen, context, out=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
