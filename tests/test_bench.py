@@ -24,7 +24,11 @@ def test_one_json_line_with_every_figure(image_folder: Path) -> None:
         assert record[seconds] > 0, seconds
     assert set(record["phases"]) == {"real_forward", "synthetic", "pool_training", "other"}
     assert record["stacked_eval"]["nets"] == 2 and record["stacked_eval"]["s_per_epoch"] > 0
-    assert record["achieved_tflops"] > 0 and record["device_peak_tflops"] > 0 and record["efficiency"] > 0
+    assert record["achieved_tflops"] > 0 and record["efficiency"] > 0
+    peak = record["peak"]
+    assert record["device_peak_tflops"] == peak["best"] == max(peak["matmul"], peak["conv"]) > 0
+    assert peak["conv_layout"] in ("NCHW", "NHWC")
+    assert record["path"] == "chosen" and "speedup_vs_plain" not in record  # fp32 without compile is the plain path
     assert record["peak_memory_mb"] > 0 and record["threads"] >= 1
     assert (record["device"], record["precision"], record["compile"]) == ("cpu", "fp32", False)
     for key in ("device_name", "amx", "avx512", "bf16_units", "torch_version"):
@@ -39,7 +43,8 @@ def test_flops_are_counted_from_the_layer_shapes(image_folder: Path) -> None:
     + 2 nets x 10 steps x 24 images x 3 (fwd + full backward) = 1512 forwards."""
     forward = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 128 * 9 + 8 * 8 * 128 * 128 * 9 + 2048 * 3)
     result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
-                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "0", "--device", "cpu")
+                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "0", "--device", "cpu",
+                       "--precision", "fp32")
     record = json.loads(result.stdout)
     assert record["tflops_per_iteration"] == round(1512 * forward / 1e12, 3)
     assert record["stacked_eval"] is None
@@ -50,3 +55,20 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("bench.py: error: ImageFolder:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_fast_path_is_printed_beside_the_plain_path_with_their_ratio(monkeypatch, capsys) -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    import bench
+
+    def measure(args, precision: str, compile: bool) -> dict:
+        seconds = {"bf16": (2.0, 0.5), "fp32": (3.0, 0.6)}[precision]
+        return {"s_per_iteration": seconds[0], "s_per_eval_epoch": seconds[1], "precision": precision,
+                "compile": compile, "startup_s": 1.0}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.benchmark(bench.parse_args(["--precision", "bf16"]))
+    chosen, plain = map(json.loads, capsys.readouterr().out.splitlines())
+    assert (chosen["path"], chosen["precision"], plain["path"], plain["precision"]) == ("chosen", "bf16", "plain", "fp32")
+    assert chosen["speedup_vs_plain"] == {"iteration": 1.5, "eval_epoch": 1.2}
+    assert plain["startup_s"] is None  # the process had started long before

@@ -11,6 +11,7 @@ from torch import nn
 from errors import ConfigError
 from networks import (
     EVAL_MODES,
+    AvgPool2x2,
     NETWORKS,
     ConvNet,
     get_eval_pool,
@@ -167,3 +168,27 @@ def test_unknown_eval_mode_lists_valid_modes():
     with pytest.raises(ConfigError, match="unknown eval mode 'Q'") as error:
         get_eval_pool("Q", "ConvNet")
     assert all(mode in str(error.value) for mode in EVAL_MODES)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (2, 3, 7, 6), (5, 2, 3, 4, 4)])
+def test_fast_average_pooling_is_avg_pool2d(shape: tuple[int, ...]) -> None:
+    """The same 2x2 averages and gradients as nn.AvgPool2d(2, 2), in float64 so that only the
+    summation order could differ; odd sides (PyTorch's kernel) and extra leading dims (vmap) included."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad = torch.randn_like(nn.AvgPool2d(2, 2)(x.detach().flatten(0, -4)))
+    ours, reference = AvgPool2x2()(x), nn.AvgPool2d(2, 2)(x.flatten(0, -4))
+    torch.testing.assert_close(ours.flatten(0, -4), reference, rtol=0, atol=1e-15)
+    (mine,) = torch.autograd.grad(ours.flatten(0, -4), x, grad)
+    (theirs,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(AvgPool2x2(), (x.detach()[:1].requires_grad_(True),))
+
+
+def test_fast_average_pooling_works_under_vmap_and_grad() -> None:
+    """Stacked evaluation trains ConvNets with torch.func.vmap(grad(...)) through the pooling."""
+    xs = torch.randn(3, 2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pooled = torch.func.vmap(AvgPool2x2())(xs)
+    torch.testing.assert_close(pooled, nn.AvgPool2d(2, 2)(xs.flatten(0, 1)).view(3, 2, 4, 4, 4))
+    grads = torch.func.vmap(torch.func.grad(lambda x: AvgPool2x2()(x).square().sum()))(xs)
+    expected = torch.func.vmap(torch.func.grad(lambda x: nn.AvgPool2d(2, 2)(x).square().sum()))(xs)
+    torch.testing.assert_close(grads, expected)
