@@ -24,14 +24,17 @@ from typing import Any
 import torch
 
 from config import Config
-from distill import BestOnTest, Experiment
+from distill import Experiment
+from distributed import SINGLE, World
 from errors import ConfigError
-from outputs import RunDirectory, atomic_write
+from evaluation_points import BestOnTest
+from outputs import RunDirectory
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
-FORMAT = 1
+FORMAT = 2
 AUTO_INTERVAL_S = 600.0  # --checkpoint_every 0: at most ~10 minutes of work are lost
-REQUIRED_KEYS = {"format", "config", "experiment", "outcomes", "best", "experiment_state", "metrics_bytes"}
+REQUIRED_KEYS = {"format", "config", "experiment", "outcomes", "best", "experiment_state", "metrics_bytes",
+                 "world_size"}
 
 
 @dataclass
@@ -67,27 +70,30 @@ class Checkpoints:
     random numbers, so it never changes a result.
     """
 
-    def __init__(self, run_dir: RunDirectory, config: Config, progress: RunProgress) -> None:
-        self.run_dir, self.config, self.progress = run_dir, config, progress
+    def __init__(self, run_dir: RunDirectory, config: Config, progress: RunProgress, world: World = SINGLE) -> None:
+        self.run_dir, self.config, self.progress, self.world = run_dir, config, progress, world
         self.last_saved = time.monotonic()
 
     def save(self, experiment: Experiment | None) -> None:
-        """Checkpoint now; ``experiment`` is the one in progress (None between experiments)."""
+        """Checkpoint now; ``experiment`` is the one in progress (None between experiments). Every
+        process calls it (the state is gathered from all); the run directory of the first writes it."""
         if experiment is not None:
             experiment.health.raise_if_bad()
         payload = {
             "format": FORMAT, "config": self.config.to_dict(), "experiment": self.progress.experiment,
             "outcomes": self.progress.outcomes, "best": dataclasses.asdict(self.progress.best),
             "experiment_state": experiment.state_dict() if experiment is not None else None,
-            "metrics_bytes": self.run_dir.metrics_size(),
+            "metrics_bytes": self.run_dir.metrics_size(), "world_size": self.world.size,
         }
-        directory = self.run_dir.path
-        atomic_write(directory / CHECKPOINT, lambda tmp: torch.save(payload, tmp), keep_previous=directory / PREVIOUS)
+        self.run_dir.write_checkpoint(payload, CHECKPOINT, PREVIOUS)
         self.last_saved = time.monotonic()
 
     def save_if_due(self, experiment: Experiment, iterations_done: int) -> None:
         every = self.config.checkpoint_every
-        due = iterations_done % every == 0 if every > 0 else time.monotonic() - self.last_saved >= AUTO_INTERVAL_S
+        if every > 0:
+            due = iterations_done % every == 0
+        else:  # the first process's clock decides, so that every process saves together
+            due = self.world.main_value(time.monotonic() - self.last_saved >= AUTO_INTERVAL_S)
         if due:
             self.save(experiment)
 

@@ -17,12 +17,15 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from checkpoint import Checkpoint, load_checkpoint
+from checkpoint import CHECKPOINT, PREVIOUS, Checkpoint, load_checkpoint
 from config import (FIELD_TYPES, FIELDS, RESUME_MAY_CHANGE, Config, load_yaml_config, protocol_defaults,
                     validate)
 from errors import ConfigError, exit_code_of
 from pipeline import run
 from runtime import keep_freed_memory, stopping_on_signals
+
+
+AUTO_RESUME = "auto"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,7 +64,9 @@ def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint, with "
-                        "its saved settings")
+                        "its saved settings; 'auto' (with --run_name and the run's full flags) continues "
+                        "SAVE_PATH/RUN_NAME when it holds a checkpoint and starts it otherwise, so a command "
+                        "restarted as is (torchrun --max-restarts) picks up where it stopped")
     add_config_flags(parser, FIELDS)
     parser.set_defaults(**defaults)
     return parser
@@ -69,11 +74,13 @@ def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
 
 @dataclass
 class Invocation:
-    """What a command line asks for: the settings, and whether to print them or resume a run."""
+    """What a command line asks for: the settings, and whether to print them, resume a run, or (with
+    ``--resume auto`` and no checkpoint yet) start one in the named folder."""
 
     config: Config
     print_only: bool = False
     resume: Checkpoint | None = None
+    in_place: bool = False
 
 
 def _prescan(argv: Sequence[str], prog: str) -> argparse.Namespace:
@@ -111,7 +118,8 @@ def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], 
     argv = list(sys.argv[1:] if argv is None else argv)
     known = _prescan(argv, prog)
     from_file = load_yaml_config(known.config) if known.config else {}
-    resume = load_checkpoint(known.resume) if known.resume else None
+    auto = known.resume == AUTO_RESUME
+    resume = load_checkpoint(known.resume) if known.resume and not auto else None
     defaults = {**resume.config, **from_file} if resume else _layered_defaults(known, from_file, script_defaults)
     values = vars(build_parser(prog, defaults).parse_args(argv))
     print_only = values.pop("print_config")
@@ -119,8 +127,22 @@ def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], 
         values.pop(cli_only)
     config = Config(**values)
     validate(config)
+    if auto:
+        return _resume_automatically(config, print_only)
     if resume is not None:
         _refuse_changes(resume.config, config)
+    return Invocation(config, print_only, resume)
+
+
+def _resume_automatically(config: Config, print_only: bool) -> Invocation:
+    """--resume auto: continue SAVE_PATH/RUN_NAME if it holds a checkpoint, else start it there."""
+    if not config.run_name:
+        raise ConfigError("--resume auto needs --run_name: a restarted command finds its run by that name")
+    directory = Path(config.save_path) / config.run_name
+    if not any((directory / name).exists() for name in (CHECKPOINT, PREVIOUS)):
+        return Invocation(config, print_only, in_place=True)
+    resume = load_checkpoint(directory)
+    _refuse_changes(resume.config, config)
     return Invocation(config, print_only, resume)
 
 
@@ -134,7 +156,7 @@ def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> 
         if invocation.print_only:
             print(yaml.safe_dump(invocation.config.to_dict(), sort_keys=False), end="")
         else:
-            run(invocation.config, invocation.resume)
+            run(invocation.config, invocation.resume, invocation.in_place)
 
     with stopping_on_signals():
         return exit_code_of(prog, distil)

@@ -24,6 +24,7 @@ import yaml
 
 from augment import parse_strategy
 from data import dataset_names
+from distributed import BACKENDS
 from errors import ConfigError
 from methods import get_method
 from networks import get_eval_pool, model_names
@@ -62,6 +63,10 @@ class Config:
     log_every: int = option(10, "iterations between metric records", RUN)
     checkpoint_every: int = option(0, "iterations between checkpoints (also at every evaluation); 0 = whenever "
                                    "10 minutes of work have passed", RUN)
+    dist_backend: str = option("auto", "torch.distributed backend when launched by torchrun: auto = nccl on CUDA, "
+                               "gloo on CPU", RUN, BACKENDS)
+    check_replicas: bool = option(False, "debugging: after every iteration compare the network pool's checksum "
+                                  "across processes (torchrun) and stop if they differ", RUN)
 
     init: str = option("real", "initialise from random real images or from noise", SYNSET, ("real", "noise"))
     aug: bool = option(True, "multi-formation: each stored image is a 2x2 mosaic decoded to 4", SYNSET)
@@ -167,8 +172,10 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
-                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile"}
-RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets"}
+                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile", "dist_backend",
+                "check_replicas"}
+RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets",
+                     "dist_backend", "check_replicas"}
 
 
 def departures_from_reference(config: Config) -> dict[str, dict[str, Any]]:

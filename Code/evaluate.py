@@ -24,14 +24,14 @@ import torch
 
 from augment import ParamDiffAug, decode_labels, decode_mosaic
 from cli import OneLineParser, add_config_flags
-from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
-                    validate)
+from config import Config, below_published, departures_from_reference, resolve_eval_batched, validate
 from data import Dataset
+from distributed import leave
 from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
 from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
-from pipeline import load_dataset, merge_accuracies, results_record
+from pipeline import join_processes, load_dataset, merge_accuracies, results_record, shared_run_directory
 from pool import RealSampler
 from precision import resolve_precision
 from rng import make_generator
@@ -40,7 +40,7 @@ from runtime import keep_freed_memory
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
               "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision", "eval_batched", "compile")
+              "test_fraction", "precision", "eval_batched", "compile", "dist_backend")
 
 
 @dataclass
@@ -225,37 +225,44 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaded = load_set_file(Path(args.set_file), args.experiment) if args.set_file else None
     config = resolve_settings(args, loaded)
     models = choose_models(args.models, config)
-    device = resolve_device(config.device)
+    world, device = join_processes(config)
     ensure_writable(Path(config.save_path))
-    dataset = load_dataset(config, device)
+    with world.main_first():
+        dataset = load_dataset(config, device)
     source = choose_source(args, loaded, dataset, config.seed)
     images, labels = source.training_images(device)
     meta = source.loaded.meta
 
     ipc = meta.get("ipc", len(source.loaded.labels) // dataset.num_classes)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = RunDirectory.create(config.save_path,
-                                  config.run_name or f"eval_{source.kind}_{dataset.name}_ipc{ipc}_{stamp}")
     origin = args.set_file or source.kind
-    run_dir.write_config({**config.to_dict(), "source": origin, "decode": source.decode, "models": models})
-    print(f"evaluating {source.kind} ({len(images)} training images) on {dataset.name} with {', '.join(models)}: "
-          f"{config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}", flush=True)
+
+    def create_run_directory() -> RunDirectory:
+        run_dir = RunDirectory.create(config.save_path,
+                                      config.run_name or f"eval_{source.kind}_{dataset.name}_ipc{ipc}_{stamp}")
+        run_dir.write_config({**config.to_dict(), "source": origin, "decode": source.decode, "models": models})
+        return run_dir
+
+    run_dir = shared_run_directory(world, create_run_directory)
+    world.say(f"evaluating {source.kind} ({len(images)} training images) on {dataset.name} with "
+              f"{', '.join(models)}: {config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}")
     protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
                             ParamDiffAug(aug_mode=config.dsa_mode), resolve_precision(config.precision, device),
                             resolve_eval_batched(config.eval_batched, device), config.compile)
     accuracies = evaluate_set(images, labels, models, config.num_eval, dataset, protocol, config.seed,
-                              ("evaluate", source.kind), description="evaluate")
+                              ("evaluate", source.kind), description="evaluate", world=world)
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),
                             "accuracies": accuracies, "summary": {m: summarize(v) for m, v in accuracies.items()}})
     results = results_record(
         config, merge_accuracies([accuracies]), device, run_dir, time.perf_counter() - started,
         method=source.kind, ipc=ipc, aug=source.decode, iterations=meta.get("iterations", meta.get("iteration", 0)),
         num_exp=1, reduced_budget=is_reduced(config, source),
-        departures_from_published=evaluation_departures(config), source=origin)
+        departures_from_published=evaluation_departures(config), source=origin, processes=world.size)
     run_dir.write_results(results)
     for model, stats in results["final"].items():
-        print(f"{source.kind}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets", flush=True)
-    print(f"results: {run_dir.path / 'results.json'}", flush=True)
+        world.say(f"{source.kind}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets")
+    world.say(f"results: {run_dir.path / 'results.json'}")
+    leave(world)
     return results
 
 

@@ -13,7 +13,7 @@ its own key path, so any evaluation can be repeated alone.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
 from data import Dataset, ImageSplit
+from distributed import SINGLE, World
 from networks import compile_network, get_network
 from precision import autocast
 from rng import make_generator
@@ -46,6 +47,7 @@ class EvalProtocol:
     precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
     stacked: bool = False  # train the networks of one model together (vmap)
     compiled: bool = False  # torch.compile each network trained one after another
+    interruptible: bool = True  # honour stop requests between epochs
 
     @property
     def lr_drop_epoch(self) -> int:
@@ -77,7 +79,8 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
             optimizer = _sgd(net, lr)
         if progress is not None:
             progress.update(1)
-        STOP.check()
+        if protocol.interruptible:
+            STOP.check()
 
 
 @torch.no_grad()
@@ -186,7 +189,8 @@ def train_together(members: list[EvalNet], images: torch.Tensor, labels: torch.T
             stacked.momentum = {}  # the reference re-creates its optimiser, losing the momentum
         if progress is not None:
             progress.update(len(members))
-        STOP.check()
+        if protocol.interruptible:
+            STOP.check()
     return stacked
 
 
@@ -209,25 +213,33 @@ def evaluate_model_stacked(model: str, images: torch.Tensor, labels: torch.Tenso
 
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, models: list[str], num_eval: int,
                  dataset: Dataset, protocol: EvalProtocol, seed: int, key: Iterable[object],
-                 description: str = "evaluate") -> dict[str, list[float]]:
+                 description: str = "evaluate", world: World = SINGLE) -> dict[str, list[float]]:
     """Test accuracies (percent) of ``num_eval`` fresh networks per model.
 
-    With ``protocol.stacked`` the networks of one model train together
-    (``evaluate_model_stacked``); each network's random streams are the same
-    either way, so the choice changes speed, not the experiment.
+    The networks are dealt out to the processes of ``world`` and their
+    accuracies gathered. With ``protocol.stacked`` a process's networks of one
+    model train together (``evaluate_model_stacked``). Each network's random
+    streams are keyed by its name, so neither choice changes the experiment.
     """
     key = tuple(key)
     images, labels = images.detach(), labels.detach()
-    total_epochs = len(models) * num_eval * (protocol.epochs + 1)
-    accuracies: dict[str, list[float]] = {}
-    with tqdm(total=total_epochs, desc=description, unit="epoch", leave=False, disable=None) as progress:
+    names = [(model, (*key, model, k)) for model in models for k in range(num_eval)]
+    mine = world.deals(len(names))
+    if world.distributed:
+        protocol = replace(protocol, interruptible=False)  # stop requests are agreed on between iterations
+    accuracies: dict[int, float] = {}
+    with tqdm(total=len(mine) * (protocol.epochs + 1), desc=description, unit="epoch", leave=False,
+              disable=None if world.is_main else True) as progress:
         for model in models:
-            keys = [(*key, model, k) for k in range(num_eval)]
+            indices = [i for i in mine if names[i][0] == model]
+            keys = [names[i][1] for i in indices]
             stacked = (evaluate_model_stacked(model, images, labels, dataset, protocol, seed, keys, progress)
-                       if protocol.stacked else None)
-            accuracies[model] = stacked if stacked is not None else [
-                evaluate_model(model, images, labels, dataset, protocol, seed, k, progress) for k in keys]
-    return accuracies
+                       if protocol.stacked and keys else None)
+            if stacked is None:
+                stacked = [evaluate_model(model, images, labels, dataset, protocol, seed, k, progress) for k in keys]
+            accuracies.update(zip(indices, stacked))
+    gathered = {i: value for share in world.gather_objects(accuracies) for i, value in share.items()}
+    return {model: [gathered[i] for i, (name, _) in enumerate(names) if name == model] for model in models}
 
 
 def summarize(accuracies: list[float]) -> dict[str, float | int]:

@@ -91,6 +91,15 @@ class RunDirectory:
                 suffix += 1
                 path = root / f"{run_name}_{suffix}"
 
+    @classmethod
+    def restart(cls, save_path: str | Path, run_name: str) -> "RunDirectory":
+        """The folder ``run_name``, created if missing, emptied of a start that made no checkpoint."""
+        run_dir = cls(Path(save_path) / run_name)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.remove_partial_writes()
+        run_dir.truncate_metrics(0)
+        return run_dir
+
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -134,3 +143,36 @@ class RunDirectory:
         path = self.path / "results.json"
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
         return path
+
+    def write_checkpoint(self, payload: dict[str, Any], name: str, previous: str) -> None:
+        """Replace checkpoint ``name``, keeping the one it replaces as ``previous`` until then."""
+        atomic_write(self.path / name, lambda tmp: torch.save(payload, tmp), keep_previous=self.path / previous)
+
+
+class ReadOnlyRunDirectory(RunDirectory):
+    """The run directory as the other processes of a distributed run see it: the first process
+    writes every file, so here every write is skipped."""
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def remove_partial_writes(self) -> None:
+        pass
+
+    def truncate_metrics(self, size: int) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> Path:
+        return self.path / "sets" / f"{name}.pt"
+
+    def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:
+        return self.path / "images" / f"{name}.png"
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        return self.path / "results.json"
+
+    def write_checkpoint(self, payload: dict[str, Any], name: str, previous: str) -> None:
+        pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,12 +17,14 @@ from checkpoint import Checkpoint, Checkpoints, RunProgress
 from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
                     validate_against_data)
 from data import DataOptions, Dataset, get_dataset
-from distill import BestOnTest, Experiment
+from distill import Experiment
+from distributed import World, join, leave, process_device
 from errors import Interrupted
 from evaluation import summarize
+from evaluation_points import BestOnTest
 from methods import get_method
 from networks import compile_cache_dir
-from outputs import RunDirectory, default_run_name, ensure_writable
+from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
 from precision import resolve_precision
 
 
@@ -31,9 +33,10 @@ def load_dataset(config: Config, device: torch.device) -> Dataset:
     return get_dataset(config.dataset, config.data_path, options).to(device)
 
 
-def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: RunDirectory) -> None:
+def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: RunDirectory, world: World) -> None:
+    processes = f", {world.size} processes ({torch.get_num_threads()} CPU threads each)" if world.distributed else ""
     print(f"{config.method.upper()} on {dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} "
-          f"training / {len(dataset.test)} test images, IPC {config.ipc}, device {device}", flush=True)
+          f"training / {len(dataset.test)} test images, IPC {config.ipc}, device {device}{processes}", flush=True)
     print(f"outputs: {run_dir.path}", flush=True)
     departures = departures_from_reference(config)
     if departures:
@@ -96,35 +99,65 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"results: {Path(results['run_dir']) / 'results.json'}", flush=True)
 
 
-def run(config: Config, resume: Checkpoint | None = None) -> dict[str, Any]:
-    """Distil ``config.dataset`` as configured (or continue ``resume``) and return the results.
-
-    On SIGINT/SIGTERM the experiment in progress is checkpointed and
-    ``Interrupted`` re-raised; on a non-finite value nothing more is saved.
-    """
-    started = time.perf_counter()
+def join_processes(config: Config) -> tuple[World, torch.device]:
+    """This process's world (torchrun's, or the world of one) and its device."""
     device = resolve_device(config.device)
-    method = get_method(config.method)
-    ensure_writable(Path(config.save_path))
-    dataset = load_dataset(config, device)
-    validate_against_data(config, dataset.train.class_sizes(), dataset.im_size)
-    if resume is None:
-        run_dir = RunDirectory.create(config.save_path, config.run_name or default_run_name(config))
-        run_dir.write_config(config.to_dict())
-        progress = RunProgress()
-    else:
+    world = join(device.type, config.dist_backend)
+    return world, process_device(device.type, world)
+
+
+def shared_run_directory(world: World, make: Callable[[], RunDirectory]) -> RunDirectory:
+    """The first process makes the run's folder (``make``); every process then uses its path, and
+    only the first process's writes happen."""
+    path = world.main_value(make().path if world.is_main else None)
+    return RunDirectory(path) if world.is_main else ReadOnlyRunDirectory(path)
+
+
+def open_run_directory(config: Config, resume: Checkpoint | None, in_place: bool) -> RunDirectory:
+    """A new run's folder (``in_place``: SAVE_PATH/RUN_NAME even if it exists, for --resume auto
+    before any checkpoint), or a resumed run's, tidied: partial writes removed, metrics cut back
+    to the checkpoint."""
+    if resume is not None:
         run_dir = RunDirectory(resume.directory)
         run_dir.remove_partial_writes()
         run_dir.truncate_metrics(resume.payload["metrics_bytes"])
-        progress = resume.progress()
-    announce(config, dataset, device, run_dir)
-    checkpoints = Checkpoints(run_dir, config, progress)
+        return run_dir
+    name = config.run_name or default_run_name(config)
+    run_dir = RunDirectory.restart(config.save_path, name) if in_place else RunDirectory.create(config.save_path, name)
+    run_dir.write_config(config.to_dict())
+    return run_dir
+
+
+def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False) -> dict[str, Any]:
+    """Distil ``config.dataset`` as configured (or continue ``resume``) and return the results.
+
+    Under torchrun every process runs this together (distributed.py says what
+    each one does). On SIGINT/SIGTERM the experiment in progress is
+    checkpointed and ``Interrupted`` re-raised; on a non-finite value nothing
+    more is saved.
+    """
+    started = time.perf_counter()
+    world, device = join_processes(config)
+    method = get_method(config.method)
+    ensure_writable(Path(config.save_path))
+    with world.main_first():
+        dataset = load_dataset(config, device)
+    validate_against_data(config, dataset.train.class_sizes(), dataset.im_size)
+    run_dir = shared_run_directory(world, lambda: open_run_directory(config, resume, in_place))
+    progress = RunProgress() if resume is None else resume.progress()
+    if world.is_main:
+        announce(config, dataset, device, run_dir, world)
+        if resume is not None and resume.payload["world_size"] != world.size:
+            print(f"resuming a run started with {resume.payload['world_size']} process(es) on {world.size}: "
+                  "classes, pool training and evaluation are dealt out anew; results agree to rounding",
+                  flush=True)
+    checkpoints = Checkpoints(run_dir, config, progress, world)
     while progress.experiment < config.num_exp:
-        experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best)
+        experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best, world)
         saved = resume.payload["experiment_state"] if resume is not None else None
         if saved is not None and saved["index"] == progress.experiment:
             experiment.load_state_dict(saved)
-            print(f"resuming experiment {progress.experiment} at iteration {experiment.next_iteration}", flush=True)
+            world.say(f"resuming experiment {progress.experiment} at iteration {experiment.next_iteration}")
         try:
             progress.outcomes.append(experiment.run(checkpoints))
         except Interrupted as stop:
@@ -138,7 +171,9 @@ def run(config: Config, resume: Checkpoint | None = None) -> dict[str, Any]:
     final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
     results = results_record(config, final, device, run_dir, time.perf_counter() - started,
                              init=merge_accuracies(inits) if inits else None,
-                             best_on_test=best_on_test_record(progress.best))
+                             best_on_test=best_on_test_record(progress.best), processes=world.size)
     run_dir.write_results(results)
-    print_summary(results)
+    if world.is_main:
+        print_summary(results)
+    leave(world)
     return results

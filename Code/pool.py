@@ -11,19 +11,18 @@ device from one generator, without per-sample loops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from config import Config
 from data import Dataset, ImageSplit
+from distributed import SINGLE, World
+from monitor import FiniteWatch
 from networks import Network, compile_network, get_network
 from precision import autocast
 from rng import make_generator
-
-if TYPE_CHECKING:
-    from distill import FiniteWatch
 
 INITIAL_POOL_SIZE = 3
 
@@ -79,11 +78,13 @@ class NetPool:
     """The reference's list of networks that grows, trains on real data and is sampled."""
 
     def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device,
-                 precision: torch.dtype | None = None) -> None:
+                 precision: torch.dtype | None = None, world: World = SINGLE) -> None:
         self.config = config
         self.dataset = dataset
         self.device = device
         self.precision = precision
+        self.world = world
+        self.seed_key = seed_key
         self.init_generator = make_generator(config.seed, *seed_key, "pool-init")
         self.pick_generator = make_generator(config.seed, *seed_key, "pool-pick")
         self.nets: list[PoolNet] = []
@@ -123,22 +124,53 @@ class NetPool:
             candidates = window
         return [self.nets[i] for i in self._shuffled(candidates)[:self.config.train_net_num]]
 
-    def train_on_real(self, sampler: RealSampler, watch: FiniteWatch | None = None) -> None:
-        """Train fetch_net_num distinct nets for model_train_steps SGD steps each."""
+    def train_on_real(self, key: tuple[object, ...], watch: FiniteWatch | None = None) -> None:
+        """Train fetch_net_num distinct nets for model_train_steps SGD steps each; the nets are dealt
+        out to the processes and every trained net is then broadcast from the one that trained it.
+        Net ``slot`` draws its batches from a stream keyed by (``key``, slot)."""
         chosen = self._shuffled(list(range(len(self.nets))))[:self.config.fetch_net_num]
-        for entry in (self.nets[i] for i in chosen):
-            entry.net.train()
-            for _ in range(self.config.model_train_steps):
-                images, labels = sampler.batch(self.config.trained_bs)
-                with autocast(self.device, self.precision):
-                    logits = entry.net(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                if watch is not None:
-                    watch.check(-1, "pool_ce", loss)
-                entry.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                entry.optimizer.step()
-                entry.meter.update(logits.detach(), labels)
+        for slot in self.world.deals(len(chosen)):
+            generator = make_generator(self.config.seed, *self.seed_key, "pool-batches", *key, slot,
+                                       device=self.device)
+            self._train(self.nets[chosen[slot]], RealSampler(self.dataset.train, generator), watch)
+        for slot, index in enumerate(chosen):
+            self._share(self.nets[index], self.world.dealer_of(slot))
+
+    def _train(self, entry: PoolNet, sampler: RealSampler, watch: FiniteWatch | None) -> None:
+        entry.net.train()
+        for _ in range(self.config.model_train_steps):
+            images, labels = sampler.batch(self.config.trained_bs)
+            with autocast(self.device, self.precision):
+                logits = entry.net(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            if watch is not None:
+                watch.check(-1, "pool_ce", loss)
+            entry.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            entry.optimizer.step()
+            entry.meter.update(logits.detach(), labels)
+
+    def _share(self, entry: PoolNet, trainer: int) -> None:
+        """Make every process's copy of ``entry`` the trainer's: weights, buffers, momentum, meter."""
+        if not self.world.distributed:
+            return
+        tensors = [*entry.net.parameters(), *entry.net.buffers()]
+        if self.config.net_decay:  # SGD with momentum: its buffers are state too
+            state = entry.optimizer.state
+            for param in entry.net.parameters():
+                state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+                tensors.append(state[param]["momentum_buffer"])
+        count = torch.tensor([entry.meter.count], device=self.device)
+        self.world.broadcast_([*tensors, entry.meter.correct, count], trainer)
+        entry.meter.count = int(count.item())
+
+    def check_replicas(self, iteration: int) -> None:
+        """Stop if the processes' pools differ (``--check_replicas``): they must be identical."""
+        tensors = [t for entry in self.nets for t in (*entry.net.parameters(), entry.meter.correct)]
+        sums = self.world.checksum(tensors)
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"the network pools of the processes differ after iteration {iteration} "
+                               f"(checksums {sums}); please report this with the command")
 
     def reset_meters(self) -> None:
         for entry in self.nets:

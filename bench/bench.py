@@ -49,9 +49,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from cli import resolve_config  # noqa: E402
 from config import resolve_device  # noqa: E402
-from distill import BestOnTest, Experiment  # noqa: E402
+from distill import Experiment  # noqa: E402
+from distributed import SINGLE  # noqa: E402
 from errors import exit_code_of  # noqa: E402
 from evaluation import EvalNet, EvalProtocol, train_on_set, train_together  # noqa: E402
+from evaluation_points import BestOnTest  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
@@ -106,7 +108,7 @@ def forward_flops_per_image(experiment: Experiment) -> float:
 def flops_per_iteration(experiment: Experiment) -> float:
     config, dataset = experiment.config, experiment.dataset
     forward = forward_flops_per_image(experiment)
-    decoded_per_class = len(experiment.synset.training_set()[1]) // dataset.num_classes
+    decoded_per_class = len(experiment.synset.training_set(SINGLE, dataset.num_classes)[1]) // dataset.num_classes
     real = dataset.num_classes * min(config.batch_real, min(dataset.train.class_sizes())) * forward
     synthetic = dataset.num_classes * decoded_per_class * forward * 2
     pool_batch = min(config.trained_bs, len(dataset.train))
@@ -173,8 +175,8 @@ def time_iterations(experiment: Experiment, iterations: int,
 def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bool, device: torch.device) -> float:
     """Seconds per epoch of ``nets`` fresh ConvNets trained on the decoded synthetic set
     (reference protocol: DSA per image, SGD), together (vmap) or one after another."""
-    images, labels = experiment.synset.training_set()
-    protocol = replace(experiment.protocol, stacked=stacked)
+    images, labels = experiment.synset.training_set(SINGLE, experiment.dataset.num_classes)
+    protocol = replace(experiment.points.protocol, stacked=stacked)
 
     def train(protocol: EvalProtocol, key: str) -> None:
         members = [EvalNet.fresh("ConvNet", experiment.dataset, protocol, 0, (key, k), device) for k in range(nets)]

@@ -12,7 +12,8 @@ import distill
 import evaluation
 from config import Config
 from data import DataOptions, get_dataset
-from distill import BestOnTest, Experiment
+from distill import Experiment
+from evaluation_points import BestOnTest
 from helpers import run_script
 from methods import get_method
 from outputs import RunDirectory
@@ -117,14 +118,14 @@ def experiment(image_folder: Path, tmp_path: Path) -> Experiment:
 def test_one_image_optimiser_momentum_moves_every_class_at_every_class_step(experiment: Experiment) -> None:
     experiment.pool.push(1)
     snapshots = [experiment.synset.images.detach().clone()]
-    step = experiment.optimizer.step
+    step = experiment.synset.optimizer.step
 
     def recording_step(*args: object, **kwargs: object) -> None:
         step(*args, **kwargs)
         snapshots.append(experiment.synset.images.detach().clone())
 
-    experiment.optimizer.step = recording_step
-    experiment.update_images(experiment.pool.nets[0])
+    experiment.synset.optimizer.step = recording_step
+    experiment.update_images(experiment.pool.nets[0], (0, 0, 0))
     assert len(snapshots) == 1 + 3  # one step per class
     moved_at_class_1 = (snapshots[2] - snapshots[1]).flatten(1).abs().sum(dim=1)
     assert moved_at_class_1[0] > 0  # class 0 has no gradient here, only momentum
@@ -135,7 +136,7 @@ def test_image_updates_leave_the_networks_unchanged(experiment: Experiment) -> N
     experiment.pool.push(1)
     entry = experiment.pool.nets[0]
     before = [p.detach().clone() for p in entry.net.parameters()]
-    experiment.update_images(entry)
+    experiment.update_images(entry, (0, 0, 0))
     assert all(torch.equal(a, b) for a, b in zip(before, entry.net.parameters()))
     assert all(p.requires_grad for p in entry.net.parameters())
 

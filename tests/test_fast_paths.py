@@ -13,7 +13,8 @@ import networks
 import precision
 from config import Config
 from data import DataOptions, get_dataset
-from distill import BestOnTest, Experiment
+from distill import Experiment
+from evaluation_points import BestOnTest
 from errors import ConfigError
 from evaluation import EvalNet, EvalProtocol, train_on_set
 from helpers import CODE_DIR, UPDATE_TOLERANCE, parameters_of, update_distances
@@ -57,10 +58,10 @@ def first_update_terms(folder: Path, tmp_path: Path, name: str, **speed: Any) ->
     experiment = Experiment(config, get_method("bacon"), dataset, RunDirectory.create(tmp_path, name), 0, CPU,
                             BestOnTest())
     experiment.pool.push(1)
-    experiment.pool.train_on_real(experiment.sampler)
+    experiment.pool.train_on_real((0, 0))
     logged: list[dict[str, torch.Tensor]] = []
     experiment.log.add = logged.append
-    experiment.update_images(experiment.pool.nets[0])
+    experiment.update_images(experiment.pool.nets[0], (0, 0, 0))
     return {name: float(value.detach()) for name, value in logged[0].items()}
 
 

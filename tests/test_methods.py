@@ -7,7 +7,8 @@ import torch
 
 from config import Config
 from data import DataOptions, get_dataset
-from distill import BestOnTest, Experiment
+from distill import Experiment
+from evaluation_points import BestOnTest
 from methods import METHODS, get_method
 from outputs import RunDirectory
 from pipeline import run
@@ -41,8 +42,8 @@ def test_dm_takes_one_image_step_per_iteration_and_never_trains_a_network(image_
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     experiment = experiment_for(image_folder, tmp_path, "dm")
     steps, networks = [], []
-    step = experiment.optimizer.step
-    monkeypatch.setattr(experiment.optimizer, "step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    step = experiment.synset.optimizer.step
+    monkeypatch.setattr(experiment.synset.optimizer, "step", lambda *a, **k: steps.append(1) or step(*a, **k))
     fresh = experiment.pool.fresh_network
 
     def recording_fresh_network() -> torch.nn.Module:
@@ -72,10 +73,10 @@ def test_dm_uses_its_published_defaults_unless_flags_override() -> None:
 def first_step_record(experiment: Experiment, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     """Train the pool once (so the CE weight is not 0), then log the first class step's terms."""
     experiment.pool.push(1)
-    experiment.pool.train_on_real(experiment.sampler)
+    experiment.pool.train_on_real((0, 0))
     records: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(experiment.log, "add", lambda values: records.append(values))
-    experiment.update_images(experiment.pool.nets[0])
+    experiment.update_images(experiment.pool.nets[0], (0, 0, 0))
     return records[0]
 
 

@@ -1,0 +1,192 @@
+"""One distillation over several processes (torchrun), or over one: the same code path.
+
+``World`` answers the questions the loop asks ("which classes are mine",
+"gather this", "whose turn is it to train this net") and hides the process
+group; a plain ``python BACON_*.py`` is the world of size 1, where every
+collective is the identity. What is divided, and why it changes no result:
+
+- Image steps: classes are partitioned into contiguous blocks. The one image
+  optimiser is elementwise and a class's loss reaches only that class's
+  images, so a process holding its block replays every per-class step
+  exactly: its own classes with their gradient, the others' turns with a zero
+  gradient (momentum only). Real batches and DSA draws come from streams keyed
+  by (iteration, pick, class), so no process draws another's samples.
+- Pool training: the ``fetch_net_num`` nets trained in an iteration are dealt
+  out whole, round-robin, and each trained net (weights, momentum, meter) is
+  broadcast from the process that trained it. Splitting every batch over the
+  processes instead would keep all of them busy when there are more processes
+  than trained nets, but its all-reduced gradients sum in another order at
+  every world size; whole nets keep each net's training the very computation
+  a single process does, so the pool is the same at any world size.
+- Evaluation: the ``num_eval`` x models networks are dealt out; each draws
+  from streams keyed by its own name, and the accuracies are gathered.
+
+Every process holds the whole dataset on its device; the first process reads
+(or downloads) it before the others. Only the first process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from errors import ConfigError
+
+BACKENDS = ("auto", "gloo", "nccl")
+TIMEOUT = datetime.timedelta(minutes=30)  # an evaluation point can keep one process busy for long
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of one run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def block(self, count: int, rank: int | None = None) -> range:
+        """The contiguous share of ``range(count)`` of ``rank`` (this process by default);
+        shares differ in length by at most one and cover ``range(count)`` once."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(count, self.size)
+        start = rank * base + min(rank, extra)
+        return range(start, start + base + (rank < extra))
+
+    def deals(self, count: int) -> list[int]:
+        """Which of ``count`` items, dealt round-robin, are this process's."""
+        return list(range(self.rank, count, self.size))
+
+    def dealer_of(self, item: int) -> int:
+        return item % self.size
+
+    def say(self, message: str) -> None:
+        """Print on the first process only (the others would repeat it)."""
+        if self.is_main:
+            print(message, flush=True)
+
+    def gather_blocks(self, block: torch.Tensor, count: int, rows_per_item: int = 1) -> torch.Tensor:
+        """Every process's rows for its ``block(count)`` items (``rows_per_item`` rows each),
+        concatenated in rank order: the whole tensor."""
+        if not self.distributed:
+            return block
+        sizes = [len(self.block(count, rank)) * rows_per_item for rank in range(self.size)]
+        padded = block.new_zeros((max(sizes), *block.shape[1:]))
+        padded[:len(block)] = block
+        pieces = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(pieces, padded)
+        return torch.cat([piece[:rows] for piece, rows in zip(pieces, sizes)])
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor], source: int) -> None:
+        """Overwrite ``tensors`` on every process with ``source``'s."""
+        if self.distributed:
+            with torch.no_grad():
+                for tensor in tensors:
+                    dist.broadcast(tensor, source)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (picklable), in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def main_value(self, value: Any) -> Any:
+        """The first process's ``value``, on every process."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, 0)
+        return holder[0]
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any process (one tiny all-reduce)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes, in place."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The first process runs the block before the others (downloads, caches), then they do."""
+        if self.distributed and not self.is_main:
+            dist.barrier()
+        yield
+        if self.distributed and self.is_main:
+            dist.barrier()
+
+    def checksum(self, tensors: Sequence[torch.Tensor]) -> list[float]:
+        """Every process's sum of ``tensors`` (a debugging check that replicated state agrees)."""
+        local = float(sum(t.detach().double().sum().item() for t in tensors))
+        return self.gather_objects(local)
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_device(name: str, world: World) -> torch.device:
+    """The device of this process: its own GPU (LOCAL_RANK) on CUDA."""
+    if name == "cuda" and world.distributed:
+        if torch.cuda.device_count() < world.local_size:
+            raise ConfigError(f"{world.local_size} processes per node but {torch.cuda.device_count()} CUDA "
+                              "devices; use --nproc_per_node at most the number of GPUs")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device(name)
+
+
+def threads_per_process(world: World) -> int:
+    """This process's share of the CPU cores: several processes each using all cores oversubscribe
+    them (two of 2 threads on 2 cores made an evaluation epoch 6x slower)."""
+    return max(1, (os.cpu_count() or 1) // world.local_size)
+
+
+def join(device_name: str, backend: str) -> World:
+    """Join the process group torchrun describes (environment variables), or make the world of one."""
+    if not launched_by_torchrun():
+        return SINGLE
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                  int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    if backend == "auto":
+        backend = "nccl" if device_name == "cuda" else "gloo"
+    if not dist.is_initialized():
+        store, rank, size = next(dist.rendezvous("env://"))
+        # torchrun keeps one store across restarts: without a per-attempt prefix, a restarted
+        # process can read the address a killed one published and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                                world_size=size, timeout=TIMEOUT)
+    if device_name == "cpu":
+        torch.set_num_threads(threads_per_process(world))
+    return world
+
+
+def leave(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""One run over several processes (torchrun, gloo on the CPU) computes exactly what one process does.
+
+Every process of these runs uses one CPU thread, and so does the single-process
+run they are compared with: convolution kernels may sum in another order with
+another thread count, and that alone would change the last bits. With equal
+threads per process the promise is bit-identity: the classes' image steps, the
+pool training and every evaluation network are the same computations wherever
+they run (distributed.py).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import World
+from helpers import CODE_DIR, write_image_folder
+
+TIMING_KEYS = {"s_per_iteration", "seconds", "run_dir"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_args(folder: Path, save_path: Path, name: str, *more: str) -> list[str]:
+    """5 classes (uneven over 2 processes), 12 iterations with evaluations at 6 and 12."""
+    return ["--dataset", "ImageFolder", "--data_path", str(folder), "--im_size", "16", "--ipc", "2",
+            "--Iteration", "12", "--eval_interval", "6", "--num_exp", "1", "--num_eval", "3",
+            "--epoch_eval_train", "2", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "2",
+            "--batch_train", "8", "--log_every", "1", "--device", "cpu", "--precision", "fp32",
+            "--save_path", str(save_path), "--run_name", name, *more]
+
+
+def torchrun(processes: int, *args: str, restarts: int = 0, script: str = "BACON_cifar.py") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "--max-restarts", str(restarts), script, *args]
+
+
+def finish(command: list[str]) -> None:
+    done = subprocess.run(command, cwd=CODE_DIR, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def results(run_dir: Path) -> dict:
+    record = json.loads((run_dir / "results.json").read_text())
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS | {"processes"}}
+
+
+def sets(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {path.name: torch.load(path, weights_only=True)["images"] for path in sorted((run_dir / "sets").iterdir())}
+
+
+def events(run_dir: Path) -> list[tuple[str, int]]:
+    """(event, iteration) of every complete metrics record (a running process may be mid-line)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["event"], r["iteration"]) for r in map(json.loads, (line for line in lines if line.endswith("}")))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same run by one process, by two processes twice (checking the pools agree), and by three."""
+    root = tmp_path_factory.mktemp("distributed")
+    folder = write_image_folder(root / "folder", classes=5, per_class=10)
+    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one")])
+    finish(torchrun(2, *run_args(folder, root, "two", "--check_replicas")))
+    finish(torchrun(2, *run_args(folder, root, "two-again")))
+    finish(torchrun(3, *run_args(folder, root, "three", "--method", "dm", "--lr_img", "1", "--no-syn_ce")))
+    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one-dm", "--method", "dm", "--lr_img", "1",
+                                                         "--no-syn_ce")])
+    return {"root": root, "folder": folder, **{name: root / name for name in
+                                               ("one", "two", "two-again", "three", "one-dm")}}
+
+
+@pytest.mark.parametrize("count, size", [(10, 3), (10, 2), (5, 2), (2, 3), (200, 8)])
+def test_classes_are_split_into_blocks_that_cover_each_class_once(count: int, size: int) -> None:
+    blocks = [World(rank, size).block(count) for rank in range(size)]
+    assert [c for block in blocks for c in block] == list(range(count))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    dealt = [World(rank, size).deals(count) for rank in range(size)]
+    assert sorted(i for share in dealt for i in share) == list(range(count))
+
+
+def test_the_same_seed_and_world_size_give_identical_runs(runs: dict[str, Path]) -> None:
+    assert results(runs["two"]) == results(runs["two-again"])
+    assert all(torch.equal(a, b) for a, b in zip(sets(runs["two"]).values(), sets(runs["two-again"]).values()))
+
+
+def test_two_processes_compute_exactly_what_one_does(runs: dict[str, Path]) -> None:
+    """Sets after the first evaluation interval and at the end, and every evaluation accuracy."""
+    one, two = sets(runs["one"]), sets(runs["two"])
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    assert results(runs["one"]) == results(runs["two"])
+    assert events(runs["one"]) == events(runs["two"])
+
+
+def test_three_processes_share_dm_classes_unevenly_and_still_match_one(runs: dict[str, Path]) -> None:
+    one, three = sets(runs["one-dm"]), sets(runs["three"])
+    assert all(torch.equal(one[name], three[name]) for name in one)
+    assert results(runs["one-dm"]) == results(runs["three"])
+
+
+def test_only_the_first_process_writes_and_it_says_how_many_ran(runs: dict[str, Path]) -> None:
+    assert json.loads((runs["two"] / "results.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in runs["root"].iterdir() if p.name.startswith("two")) == ["two", "two-again"]
+    assert len(events(runs["two"])) == len(set(events(runs["two"])))  # one record per event, not one per process
+
+
+def rank_pid(agent: subprocess.Popen, rank: int) -> int | None:
+    """The process id of the worker with ``rank`` started by the torchrun ``agent``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == agent.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_process_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
+        runs: dict[str, Path]) -> None:
+    name = "restarted"
+    run_dir = runs["root"] / name
+    command = torchrun(2, *run_args(runs["folder"], runs["root"], name, "--checkpoint_every", "1",
+                                    "--resume", "auto"), restarts=1)
+    agent = subprocess.Popen(command, cwd=CODE_DIR, env=ONE_THREAD, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and ("train", 8) in events(run_dir)):
+        assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read()[-3000:]
+        time.sleep(0.05)
+    victim = rank_pid(agent, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    out, err = agent.communicate(timeout=240)
+    assert agent.returncode == 0, err[-3000:]
+    assert "resuming experiment 0 at iteration" in out
+    assert results(run_dir) == results(runs["two"])
+    assert events(run_dir) == events(runs["two"])
+    assert all(torch.equal(a, b) for a, b in zip(sets(run_dir).values(), sets(runs["two"]).values()))
+
+
+def test_resume_auto_needs_a_run_name(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "BACON_cifar.py", "--resume", "auto", "--save_path", str(tmp_path)],
+                          cwd=CODE_DIR, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--resume auto needs --run_name" in done.stderr
+
+
+def test_evaluating_one_set_gives_the_same_accuracies_on_any_number_of_processes(runs: dict[str, Path]) -> None:
+    """evaluate.py deals its networks out; each draws from streams keyed by its own name."""
+    args = [str(runs["one"] / "sets" / "exp0_it000012.pt"), "--data_path", str(runs["folder"]), "--im_size", "16",
+            "--num_eval", "5", "--epoch_eval_train", "3", "--batch_train", "8", "--device", "cpu",
+            "--precision", "fp32", "--save_path", str(runs["root"])]
+    finish([sys.executable, "evaluate.py", *args, "--run_name", "evaluated-by-one"])
+    finish(torchrun(3, *args, "--run_name", "evaluated-by-three", script="evaluate.py"))
+    one, three = (json.loads((runs["root"] / name / "results.json").read_text())
+                  for name in ("evaluated-by-one", "evaluated-by-three"))
+    assert one["final"] == three["final"] and three["processes"] == 3
