@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -50,6 +50,11 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    traffic: dict[str, int] = field(default_factory=dict, compare=False)  # payload bytes per collective
+
+    def _count(self, collective: str, tensors: Sequence[torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        self.traffic[collective] = self.traffic.get(collective, 0) + size
 
     @property
     def is_main(self) -> bool:
@@ -88,12 +93,14 @@ class World:
         padded = block.new_zeros((max(sizes), *block.shape[1:]))
         padded[:len(block)] = block
         pieces = [torch.empty_like(padded) for _ in range(self.size)]
+        self._count("all_gather", pieces)
         dist.all_gather(pieces, padded)
         return torch.cat([piece[:rows] for piece, rows in zip(pieces, sizes)])
 
     def broadcast_(self, tensors: Sequence[torch.Tensor], source: int) -> None:
         """Overwrite ``tensors`` on every process with ``source``'s."""
         if self.distributed:
+            self._count("broadcast", tensors)
             with torch.no_grad():
                 for tensor in tensors:
                     dist.broadcast(tensor, source)
@@ -119,14 +126,9 @@ class World:
         if not self.distributed:
             return flag
         value = torch.tensor([int(flag)], device=device)
+        self._count("all_reduce", [value])
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the processes, in place."""
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:

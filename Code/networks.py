@@ -328,6 +328,13 @@ def model_names() -> list[str]:
 _NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
 
 
+def has_batch_norm(model: str) -> bool:
+    """Whether ``model`` normalises with batch statistics (built on the meta device: no memory, no draws)."""
+    with torch.device("meta"):
+        net = _choose(NETWORKS, model, "model")(3, 2, im_size=(32, 32))
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in net.modules())
+
+
 @torch.no_grad()
 def init_parameters_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """Re-draw PyTorch's default initialisation from ``generator`` instead of the global RNG.

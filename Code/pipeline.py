@@ -19,11 +19,11 @@ from config import (Config, below_published, departures_from_reference, resolve_
 from data import DataOptions, Dataset, get_dataset
 from distill import Experiment
 from distributed import World, join, leave, process_device
-from errors import Interrupted
+from errors import ConfigError, Interrupted
 from evaluation import summarize
 from evaluation_points import BestOnTest
 from methods import get_method
-from networks import compile_cache_dir
+from networks import compile_cache_dir, has_batch_norm
 from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
 from precision import resolve_precision
 
@@ -139,6 +139,9 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     started = time.perf_counter()
     world, device = join_processes(config)
     method = get_method(config.method)
+    if world.distributed and not method.network_pool and has_batch_norm(config.model):
+        raise ConfigError(f"{config.method} with {config.model} matches all classes in one batch (BatchNorm "
+                          "statistics span them), which cannot be divided by class; run it in one process")
     ensure_writable(Path(config.save_path))
     with world.main_first():
         dataset = load_dataset(config, device)
@@ -149,8 +152,8 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
         announce(config, dataset, device, run_dir, world)
         if resume is not None and resume.payload["world_size"] != world.size:
             print(f"resuming a run started with {resume.payload['world_size']} process(es) on {world.size}: "
-                  "classes, pool training and evaluation are dealt out anew; results agree to rounding",
-                  flush=True)
+                  "classes, pool nets and evaluation networks are dealt out anew; the results are the same "
+                  "(to rounding if the threads per process changed)", flush=True)
     checkpoints = Checkpoints(run_dir, config, progress, world)
     while progress.experiment < config.num_exp:
         experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best, world)

@@ -5,7 +5,9 @@ appended on a schedule (the oldest dropped once full), a few are picked to
 update the images, and a few are trained on real batches every iteration,
 each with its own optimiser and running training-accuracy meter (which
 weights the synthetic cross-entropy). Real batches are drawn on the data's
-device from one generator, without per-sample loops.
+device, without per-sample loops, from streams keyed by where they are used.
+Under torchrun every process holds the same pool: the nets trained in an
+iteration are dealt out and broadcast back (distributed.py).
 """
 
 from __future__ import annotations

@@ -32,9 +32,11 @@ STARTED = time.perf_counter()
 import argparse  # noqa: E402  (the clock starts before the heavy imports)
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -50,9 +52,9 @@ import torch.nn.functional as F  # noqa: E402
 from cli import resolve_config  # noqa: E402
 from config import resolve_device  # noqa: E402
 from distill import Experiment  # noqa: E402
-from distributed import SINGLE  # noqa: E402
+from distributed import SINGLE, join, launched_by_torchrun, process_device  # noqa: E402
 from errors import exit_code_of  # noqa: E402
-from evaluation import EvalNet, EvalProtocol, train_on_set, train_together  # noqa: E402
+from evaluation import EvalNet, EvalProtocol, evaluate_set, train_on_set, train_together  # noqa: E402
 from evaluation_points import BestOnTest  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
@@ -226,6 +228,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_plain", action="store_true",
                         help="skip the plain path (--precision fp32, no compile) measured after the chosen one")
     parser.add_argument("--data_path", default=None)
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="scaling: measure one process, then this many under torchrun, each with --threads "
+                        "threads, and print both with their speed-up per phase")
+    parser.add_argument("--threads", type=int, default=0, help="with --nproc: CPU threads per process "
+                        "(default: cores / nproc)")
+    parser.add_argument("--as_process", action="store_true", help=argparse.SUPPRESS)  # one side of --nproc
     return parser.parse_args(argv)
 
 
@@ -271,6 +279,90 @@ def measure(args: argparse.Namespace, precision: str, compile: bool) -> dict[str
     }
 
 
+def time_evaluation_point(experiment: Experiment, epochs: int, device: torch.device) -> float:
+    """Seconds per epoch of an evaluation point: the ``num_eval`` ConvNets of the distilled model,
+    dealt out to the processes (after one warm-up epoch)."""
+    config, world = experiment.config, experiment.world
+    images, labels = experiment.synset.training_set(world, experiment.dataset.num_classes)
+    protocol = experiment.points.protocol
+
+    def evaluate(epochs: int, key: str) -> None:
+        evaluate_set(images, labels, [config.model], config.num_eval, experiment.dataset,
+                     replace(protocol, epochs=epochs - 1), 0, (key,), world=world)
+
+    evaluate(1, "warm-up")
+    synchronize(device)
+    start = time.perf_counter()
+    evaluate(epochs, "timed")
+    synchronize(device)
+    return (time.perf_counter() - start) / epochs
+
+
+def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
+    """One side of --nproc: this process's part of the run (alone, or one of torchrun's); the first
+    process returns the record: per phase the slowest process's seconds, each process's share of
+    the work, and the payload bytes its collectives moved per iteration."""
+    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision",
+            args.precision, "--compile" if args.compile else "--no-compile"]
+    config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
+    device_type = resolve_device(config.device).type
+    world = join(device_type, config.dist_backend) if launched_by_torchrun() else SINGLE
+    torch.set_num_threads(args.threads)
+    device = process_device(device_type, world)
+    with world.main_first():
+        dataset = load_dataset(config, device)
+    with tempfile.TemporaryDirectory() as scratch:
+        experiment = Experiment(config, get_method(config.method), dataset, RunDirectory(Path(scratch)), 0, device,
+                                BestOnTest(), world)
+        _, totals, phases = time_iterations(experiment, args.iterations, device)
+        traffic = {name: round(size / (args.iterations + 1)) for name, size in world.traffic.items()}
+        eval_epoch = time_evaluation_point(experiment, args.eval_epochs, device)
+    mine = {"iteration": statistics.median(totals), "pool_training": phases["pool_training"],
+            "image_updates": statistics.median(totals) - phases["pool_training"], "evaluation_epoch": eval_epoch}
+    everyone = world.gather_objects(mine)
+    if not world.is_main:
+        return None
+    return {
+        "dataset": args.dataset, "classes": dataset.num_classes, "ipc": args.ipc, "processes": world.size,
+        "threads_per_process": torch.get_num_threads(),
+        "seconds": {phase: round(max(p[phase] for p in everyone), 3) for phase in mine},
+        "work_per_process": {
+            "classes": [len(world.block(dataset.num_classes, rank)) for rank in range(world.size)],
+            "pool_nets_trained": [len(range(rank, config.fetch_net_num, world.size)) for rank in range(world.size)],
+            "eval_nets": [len(range(rank, config.num_eval, world.size)) for rank in range(world.size)]},
+        "collective_bytes_per_iteration": traffic, "device_name": cpu_name() if device.type == "cpu" else
+        torch.cuda.get_device_name(device), "torch_version": torch.__version__,
+    }
+
+
+def print_process_record(args: argparse.Namespace) -> None:
+    record = measure_processes(args)
+    if record is not None:
+        print(json.dumps(record), flush=True)
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """Measure one process, then ``--nproc`` processes under torchrun, each with the same threads,
+    and print both records and the speed-up of every phase."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    child = [str(Path(__file__).resolve()), "--dataset", args.dataset, "--ipc", str(args.ipc), "--iterations",
+             str(args.iterations), "--eval_epochs", str(args.eval_epochs), "--device", args.device, "--precision",
+             args.precision, *(["--compile"] if args.compile else []),
+             *(["--data_path", args.data_path] if args.data_path else []), "--as_process", "--threads", str(threads)]
+    records = []
+    for processes in (1, args.nproc):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        done = subprocess.run([sys.executable, *(launcher if processes > 1 else []), *child], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the {processes}-process measurement failed: {done.stderr.strip()[-2000:]}")
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    one, many = records
+    print(json.dumps(one), flush=True)
+    print(json.dumps({**many, "speedup_vs_one_process": {
+        phase: round(one["seconds"][phase] / many["seconds"][phase], 2) for phase in one["seconds"]}}), flush=True)
+
+
 def benchmark(args: argparse.Namespace) -> None:
     """Print one JSON line for the chosen path, then one for the plain path (fp32, no compile) measured
     in the same process, so that their ratio compares like with like on one machine."""
@@ -289,7 +381,9 @@ def benchmark(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()
-    return exit_code_of("bench.py", lambda: benchmark(args))
+    if args.as_process:
+        return exit_code_of("bench.py", lambda: print_process_record(args))
+    return exit_code_of("bench.py", lambda: scaling(args) if args.nproc else benchmark(args))
 
 
 if __name__ == "__main__":

@@ -72,3 +72,15 @@ def test_a_fast_path_is_printed_beside_the_plain_path_with_their_ratio(monkeypat
     assert (chosen["path"], chosen["precision"], plain["path"], plain["precision"]) == ("chosen", "bf16", "plain", "fp32")
     assert chosen["speedup_vs_plain"] == {"iteration": 1.5, "eval_epoch": 1.2}
     assert plain["startup_s"] is None  # the process had started long before
+
+
+def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(image_folder: Path) -> None:
+    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2", "--iterations", "1",
+                       "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--nproc", "2",
+                       "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    one, two = map(json.loads, result.stdout.strip().splitlines())
+    assert (one["processes"], two["processes"], two["threads_per_process"]) == (1, 2, 1)
+    assert two["work_per_process"] == {"classes": [2, 1], "pool_nets_trained": [1, 1], "eval_nets": [3, 2]}
+    assert one["collective_bytes_per_iteration"] == {} and two["collective_bytes_per_iteration"]["broadcast"] > 0
+    assert set(two["speedup_vs_one_process"]) == {"iteration", "pool_training", "image_updates", "evaluation_epoch"}

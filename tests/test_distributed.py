@@ -163,3 +163,26 @@ def test_evaluating_one_set_gives_the_same_accuracies_on_any_number_of_processes
     one, three = (json.loads((runs["root"] / name / "results.json").read_text())
                   for name in ("evaluated-by-one", "evaluated-by-three"))
     assert one["final"] == three["final"] and three["processes"] == 3
+
+
+def test_ctrl_c_stops_every_process_at_one_checkpoint_and_one_process_can_finish_the_run(
+        runs: dict[str, Path]) -> None:
+    """torchrun passes SIGINT to every process; they agree on the iteration to stop at, checkpoint
+    together, and the run resumed by one process ends as the uninterrupted one."""
+    name = "interrupted"
+    run_dir = runs["root"] / name
+    agent = subprocess.Popen(torchrun(2, *run_args(runs["folder"], runs["root"], name, "--checkpoint_every", "1")),
+                             cwd=CODE_DIR, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and ("train", 2) in events(run_dir)):
+        assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read()[-3000:]
+        time.sleep(0.02)
+    agent.send_signal(signal.SIGINT)
+    _, err = agent.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if line.startswith("BACON_cifar.py: stopped by SIGINT")]
+    assert len(set(stops)) == 1 and "checkpoint saved" in stops[0], err[-3000:]
+    assert not (run_dir / "results.json").exists()
+    finish([sys.executable, "BACON_cifar.py", "--resume", str(run_dir)])
+    assert results(run_dir) == results(runs["one"])
+    assert all(torch.equal(a, b) for a, b in zip(sets(run_dir).values(), sets(runs["one"]).values()))
