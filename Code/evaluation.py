@@ -26,7 +26,8 @@ from tqdm import tqdm
 from augment import DSA, ParamDiffAug
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
-from networks import compile_network, get_network
+from compiled import compile_network
+from networks import get_network
 from precision import autocast
 from rng import make_generator
 from runtime import STOP

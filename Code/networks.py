@@ -10,10 +10,7 @@ distillation loop can take embeddings from any of them the same way.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from functools import lru_cache, partial
-from pathlib import Path
+from functools import partial
 from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
@@ -377,49 +374,6 @@ def get_network(
     with torch.device("meta"):
         net = factory(channel, num_classes, im_size=tuple(im_size))
     return init_parameters_(net.to_empty(device="cpu"), generator).to(device)
-
-
-@lru_cache(maxsize=1)
-def require_compiler() -> None:
-    """Fail before the run, not at its first step: inductor builds its CPU kernels (and Triton
-    its CUDA launchers) with the system compiler."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise ConfigError(f"--compile needs a C++ compiler and {compiler!r} was not found: install one "
-                          "(e.g. apt-get install g++, or set CXX) or run without --compile")
-
-
-@lru_cache(maxsize=1)
-def compile_cache_dir() -> Path:
-    """Where inductor keeps compiled kernels between runs (set before the first compile).
-
-    ``TORCHINDUCTOR_CACHE_DIR`` when given, else inductor's default folder, with
-    the ATen capability appended when ``ATEN_CPU_CAPABILITY`` is set: inductor's
-    cache key leaves that variable out, and kernels generated under one
-    capability fail to build under another ("'at::vec' has not been declared").
-    """
-    chosen = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # read before importing inductor, which sets it
-    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
-
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not chosen and capability:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
-    return Path(cache_dir())
-
-
-def compile_network(net: Network) -> Network:
-    """Route ``net``'s forward and embed through torch.compile (``--compile``).
-
-    Inductor fuses each block's norm, activation and pooling into one pass over
-    memory, which is most of a small ConvNet's time outside the convolutions.
-    Nets of one class share the compiled code (parameters are graph inputs), so a
-    growing pool compiles once per input shape and grad mode, not once per net.
-    """
-    require_compiler()
-    compile_cache_dir()
-    net.forward = torch.compile(net.forward)
-    net.embed = torch.compile(net.embed)
-    return net
 
 
 _EVAL_POOLS: dict[str, list[str]] = {

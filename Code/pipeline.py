@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from checkpoint import Checkpoint, Checkpoints, RunProgress
+from compiled import compile_cache_dir
 from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
                     validate_against_data)
 from data import DataOptions, Dataset, get_dataset
@@ -23,7 +24,7 @@ from errors import ConfigError, Interrupted
 from evaluation import summarize
 from evaluation_points import BestOnTest
 from methods import get_method
-from networks import compile_cache_dir, has_batch_norm
+from networks import has_batch_norm
 from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
 from precision import resolve_precision
 

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from config import Config
+from compiled import compile_network
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
 from monitor import FiniteWatch
-from networks import Network, compile_network, get_network
+from networks import Network, get_network
 from precision import autocast
 from rng import make_generator
 

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
 
 from helpers import write_image_folder  # noqa: E402  (needs the path above)
-from networks import compile_cache_dir  # noqa: E402
+from compiled import compile_cache_dir  # noqa: E402
 
 compile_cache_dir()  # before any test touches inductor (torch._dynamo.reset() fixes its cache folder)
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import compiled
 import networks
 import precision
 from config import Config
@@ -115,10 +116,10 @@ def test_compiled_evaluation_trains_like_eager(image_folder: Path) -> None:
 
 def test_compile_without_a_compiler_fails_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler")
-    networks.require_compiler.cache_clear()  # a failed check is not cached, a passed one is
+    compiled.require_compiler.cache_clear()  # a failed check is not cached, a passed one is
     net = networks.get_network("ConvNet", 1, 3, (16, 16))
     with pytest.raises(ConfigError, match="C\\+\\+ compiler.*without --compile"):
-        networks.compile_network(net)
+        compiled.compile_network(net)
 
 
 def test_compiled_bf16_matches_eager_bf16(image_folder: Path, tmp_path: Path) -> None:
@@ -138,6 +139,6 @@ def test_compiled_kernels_are_cached_per_aten_capability(tmp_path: Path, environ
     capability, so each capability gets its own folder; a folder the user chose is kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
     env.update({k: v.format(tmp=tmp_path) for k, v in environment.items()})
-    shown = subprocess.run([sys.executable, "-c", "import networks; print(networks.compile_cache_dir())"],
+    shown = subprocess.run([sys.executable, "-c", "import compiled; print(compiled.compile_cache_dir())"],
                            cwd=CODE_DIR, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert shown.endswith(folder_name)
