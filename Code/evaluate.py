@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from augment import ParamDiffAug, decode_labels, decode_mosaic
+from augment import ParamDiffAug
 from cli import OneLineParser, add_config_flags
 from config import Config, below_published, departures_from_reference, resolve_eval_batched, validate
 from data import Dataset
@@ -36,6 +36,7 @@ from pool import RealSampler
 from precision import resolve_precision
 from rng import make_generator
 from runtime import keep_freed_memory
+from synthetic import decoded_set, set_labels
 
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
@@ -142,7 +143,7 @@ def random_real_set(dataset: Dataset, ipc: int, seed: int) -> LoadedSet:
     device = dataset.train.labels.device
     sampler = RealSampler(dataset.train, make_generator(seed, "random-real", device=device))
     images = torch.cat([sampler.class_batch(c, ipc) for c in range(dataset.num_classes)])
-    labels = torch.arange(dataset.num_classes, device=device).repeat_interleave(ipc)
+    labels = set_labels(range(dataset.num_classes), ipc, device)
     return LoadedSet(images, labels, {"method": "random_real", "ipc": ipc, "aug": False})
 
 
@@ -178,7 +179,7 @@ class Source:
 
     def training_images(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.loaded.images.to(device), self.loaded.labels.to(device)
-        return (decode_mosaic(images), decode_labels(labels)) if self.decode else (images, labels)
+        return decoded_set(images, labels, self.decode)
 
 
 def resolve_settings(args: Any, loaded: LoadedSet | None) -> Config:

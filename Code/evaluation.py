@@ -24,9 +24,9 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
+from compiled import compile_network
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
-from compiled import compile_network
 from networks import get_network
 from precision import autocast
 from rng import make_generator

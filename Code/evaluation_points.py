@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from augment import decode_labels, decode_mosaic
 from config import Config, is_reduced_budget
 from data import Dataset
 from distributed import World
 from evaluation import EvalProtocol, evaluate_set, summarize, test_accuracy
 from networks import Network, get_eval_pool
 from outputs import RunDirectory
+from synthetic import decoded_set, set_labels
 
 
 @dataclass
@@ -64,16 +64,12 @@ class EvaluationPoints:
             return get_eval_pool(self.config.eval_mode, self.config.model)
         return [self.config.model]
 
-    def decoded(self, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training images and labels of a whole stored set."""
-        labels = torch.arange(self.dataset.num_classes, device=stored.device).repeat_interleave(self.config.ipc)
-        return (decode_mosaic(stored), decode_labels(labels)) if self.config.aug else (stored, labels)
-
     def evaluate(self, stored: torch.Tensor, iteration: int, final: bool) -> tuple[dict[str, list[float]], float]:
         """Evaluate the whole stored set, save it with a PNG and log the accuracies; returns them and
         the seconds spent."""
         started = time.perf_counter()
-        images, labels = self.decoded(stored)
+        labels = set_labels(range(self.dataset.num_classes), self.config.ipc, stored.device)
+        images, labels = decoded_set(stored, labels, self.config.aug)
         accuracies = evaluate_set(images, labels, self.models(final), self.config.num_eval, self.dataset,
                                   self.protocol, self.config.seed, ("eval", self.experiment, iteration),
                                   description=f"exp {self.experiment} eval it {iteration}", world=self.world)
@@ -89,7 +85,7 @@ class EvaluationPoints:
 
     def save(self, stored: torch.Tensor, iteration: int, summary: dict[str, Any]) -> None:
         name = f"exp{self.experiment}_it{iteration:06d}"
-        labels = torch.arange(self.dataset.num_classes).repeat_interleave(self.config.ipc)
+        labels = set_labels(range(self.dataset.num_classes), self.config.ipc)
         meta = set_metadata(self.config, self.dataset, experiment=self.experiment, iteration=iteration,
                             accuracy=summary)
         self.run_dir.save_set(name, stored, labels, meta)

@@ -22,6 +22,16 @@ from pool import RealSampler
 from rng import make_generator
 
 
+def set_labels(classes: range, ipc: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fixed labels of a stored set of ``classes``: ``ipc`` images per class, in class order."""
+    return torch.arange(classes.start, classes.stop, device=device).repeat_interleave(ipc)
+
+
+def decoded_set(stored: torch.Tensor, labels: torch.Tensor, aug: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels of stored images: each 2x2 mosaic decoded to four with ``aug``."""
+    return (decode_mosaic(stored), decode_labels(labels)) if aug else (stored, labels)
+
+
 class SyntheticSet:
     """The images of classes ``classes`` (2x2 mosaics when ``aug``), their labels and their optimiser."""
 
@@ -29,7 +39,7 @@ class SyntheticSet:
                  lr: float) -> None:
         self.images = images.detach().clone().requires_grad_(True)
         self.classes, self.ipc, self.aug = classes, ipc, aug
-        self.labels = torch.arange(classes.start, classes.stop, device=images.device).repeat_interleave(ipc)
+        self.labels = set_labels(classes, ipc, images.device)
         if optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.images], lr=lr)
         else:
@@ -38,7 +48,7 @@ class SyntheticSet:
     def class_batch(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training images of class c (decoded to 4 ipc when aug), with gradient."""
         first = (c - self.classes.start) * self.ipc
-        return self._decoded(self.images[first:first + self.ipc], self.labels[first:first + self.ipc])
+        return decoded_set(self.images[first:first + self.ipc], self.labels[first:first + self.ipc], self.aug)
 
     def compute_gradient(self, loss: torch.Tensor | None) -> torch.Tensor:
         """The gradient of ``loss`` on this block; None is another process's class: a zero gradient,
@@ -56,11 +66,8 @@ class SyntheticSet:
 
     def training_set(self, world: World, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole decoded set, detached: what evaluation networks train on."""
-        labels = torch.arange(num_classes, device=self.images.device).repeat_interleave(self.ipc)
-        return self._decoded(self.stored(world, num_classes), labels)
-
-    def _decoded(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (decode_mosaic(images), decode_labels(labels)) if self.aug else (images, labels)
+        labels = set_labels(range(num_classes), self.ipc, self.images.device)
+        return decoded_set(self.stored(world, num_classes), labels, self.aug)
 
     def state_dict(self, world: World, num_classes: int) -> dict[str, Any]:
         """The whole set and optimiser state, gathered from every process (a collective call)."""

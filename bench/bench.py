@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cli import resolve_config  # noqa: E402
-from config import resolve_device  # noqa: E402
+from config import Config, resolve_device  # noqa: E402
 from distill import Experiment  # noqa: E402
 from distributed import SINGLE, join, launched_by_torchrun, process_device  # noqa: E402
 from errors import exit_code_of  # noqa: E402
@@ -237,11 +237,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def published_config(args: argparse.Namespace, precision: str, compile: bool) -> Config:
+    """The published configuration of the benchmarked dataset and IPC, on one speed path."""
+    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", precision,
+            "--compile" if compile else "--no-compile", *(["--data_path", args.data_path] if args.data_path else [])]
+    return resolve_config(argv, {}).config
+
+
 def measure(args: argparse.Namespace, precision: str, compile: bool) -> dict[str, Any]:
     """Time one path (precision, compile) through the loop and return its record."""
-    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", precision,
-            "--compile" if compile else "--no-compile"]
-    config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
+    config = published_config(args, precision, compile)
     device = resolve_device(config.device)
     dataset = load_dataset(config, device)
     with tempfile.TemporaryDirectory() as scratch:
@@ -302,9 +307,7 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
     """One side of --nproc: this process's part of the run (alone, or one of torchrun's); the first
     process returns the record: per phase the slowest process's seconds, each process's share of
     the work, and the payload bytes its collectives moved per iteration."""
-    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision",
-            args.precision, "--compile" if args.compile else "--no-compile"]
-    config = resolve_config(argv + (["--data_path", args.data_path] if args.data_path else []), {}).config
+    config = published_config(args, args.precision, args.compile)
     device_type = resolve_device(config.device).type
     world = join(device_type, config.dist_backend) if launched_by_torchrun() else SINGLE
     torch.set_num_threads(args.threads)
