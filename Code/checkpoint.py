@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from config import Config
+from config import Config, saved_settings
 from distill import Experiment
 from distributed import SINGLE, World
 from errors import ConfigError
@@ -55,7 +55,7 @@ class Checkpoint:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.payload["config"]
+        return saved_settings(self.payload["config"])
 
     def progress(self) -> RunProgress:
         return RunProgress(self.payload["experiment"], list(self.payload["outcomes"]),

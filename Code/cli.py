@@ -21,6 +21,7 @@ from checkpoint import CHECKPOINT, PREVIOUS, Checkpoint, load_checkpoint
 from config import (FIELD_TYPES, FIELDS, RESUME_MAY_CHANGE, Config, load_yaml_config, protocol_defaults,
                     validate)
 from errors import ConfigError, exit_code_of
+from fast_paths import SWITCHES
 from pipeline import run
 from runtime import keep_freed_memory, stopping_on_signals
 
@@ -42,6 +43,10 @@ def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
     if kind is bool:
         group.add_argument(f"--{name}", dest=name, action="store_true", help=help_text)
         group.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    elif spec.metadata["choices"] == SWITCHES:  # --NAME alone is "on", --no-NAME "off", as for booleans
+        group.add_argument(f"--{name}", dest=name, nargs="?", const="on", choices=SWITCHES, help=help_text)
+        group.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_const", const="off",
+                           help=argparse.SUPPRESS)
     else:
         group.add_argument(f"--{name}", dest=name, type=kind, choices=spec.metadata["choices"], help=help_text)
 
@@ -107,7 +112,7 @@ def _layered_defaults(known: argparse.Namespace, from_file: dict[str, Any],
 
 
 def _refuse_changes(saved: dict[str, Any], config: Config) -> None:
-    changed = [name for name in FIELDS if name not in RESUME_MAY_CHANGE and saved.get(name) != getattr(config, name)]
+    changed = [name for name in FIELDS if name not in RESUME_MAY_CHANGE and saved[name] != getattr(config, name)]
     if changed:
         raise ConfigError("--resume continues a run with its saved settings; "
                           f"{', '.join('--' + name for name in changed)} would change its result: drop them")

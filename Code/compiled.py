@@ -18,14 +18,22 @@ from errors import ConfigError
 from networks import Network
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def compiler_found() -> bool:
+    """Whether inductor can build kernels here: its CPU kernels (and Triton's CUDA launchers) need the
+    system C++ compiler."""
+    return shutil.which(_compiler()) is not None
+
+
 @lru_cache(maxsize=1)
 def require_compiler() -> None:
-    """Fail before the run, not at its first step: inductor builds its CPU kernels (and Triton
-    its CUDA launchers) with the system compiler."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise ConfigError(f"--compile needs a C++ compiler and {compiler!r} was not found: install one "
-                          "(e.g. apt-get install g++, or set CXX) or run without --compile")
+    """Fail before the run, not at its first step."""
+    if not compiler_found():
+        raise ConfigError(f"--compile needs a C++ compiler and {_compiler()!r} was not found: install one "
+                          "(e.g. apt-get install g++, or set CXX) or run with --compile off")
 
 
 @lru_cache(maxsize=1)
@@ -59,3 +67,9 @@ def compile_network(net: Network) -> Network:
     net.forward = torch.compile(net.forward)
     net.embed = torch.compile(net.embed)
     return net
+
+
+def compile_notice() -> str:
+    """What a compiled run costs, and where the cost is kept for the next run."""
+    return ("compiling the networks (torch.compile): the first iteration and the first evaluation take tens of "
+            f"seconds longer; compiled code is cached in {compile_cache_dir()} for later runs")

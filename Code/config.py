@@ -26,6 +26,7 @@ from augment import parse_strategy
 from data import dataset_names
 from distributed import BACKENDS
 from errors import ConfigError
+from fast_paths import COMPILE_MIN_EVAL_EPOCHS, COMPILE_MIN_ITERATIONS, MEMORY_FORMATS, SWITCHES, FastPaths
 from methods import get_method
 from networks import get_eval_pool, model_names
 from precision import PRECISIONS
@@ -109,10 +110,14 @@ class Config:
     precision: str = option("auto", "convolutions in fp32 or bf16 autocast; auto = bf16 where the device has "
                             "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
-                               "only (2-3x slower than one after another on a 2-core CPU); off forces sequential",
-                               SPEED, ("auto", "on", "off"))
-    compile: bool = option(False, "torch.compile the network forwards (fuses norm, activation and pooling); "
-                           "adds tens of seconds of compiling to the first iteration and evaluation", SPEED)
+                               "only (2-3x slower than one after another on a 2-core CPU)", SPEED, SWITCHES)
+    compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; tens of "
+                          f"seconds of compiling per network shape); auto = on for bf16 runs of >= "
+                          f"{COMPILE_MIN_ITERATIONS} iterations on CPUs with AMX units and a C++ compiler, off "
+                          "elsewhere (slower on AMD Zen 4, unmeasured on CUDA)", SPEED, SWITCHES)
+    memory_format: str = option("auto", "layout of the network weights and activations; auto = channels_last "
+                                "for compiled networks only (eager norm and pooling are slower on it)", SPEED,
+                                MEMORY_FORMATS)
 
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)
@@ -172,8 +177,8 @@ def reference_config(dataset: str, ipc: int, method: str) -> Config:
 BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_real", "trained_bs",
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
-                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile", "dist_backend",
-                "check_replicas"}
+                "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile", "memory_format",
+                "dist_backend", "check_replicas"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets",
                      "dist_backend", "check_replicas"}
 
@@ -199,9 +204,14 @@ def is_reduced_budget(config: Config) -> bool:
     return below_published(departures_from_reference(config))
 
 
-def resolve_eval_batched(name: str, device: torch.device) -> bool:
-    """Stacked (vmap) evaluation pays off on GPUs; on CPUs training one after another is faster."""
-    return name == "on" or (name == "auto" and device.type == "cuda")
+def resolve_fast_paths(config: Config, device: torch.device, evaluation_only: bool = False) -> FastPaths:
+    """The run's speed settings on ``device``. Compiling pays for a long run: a distillation of
+    COMPILE_MIN_ITERATIONS iterations, or an evaluation of COMPILE_MIN_EVAL_EPOCHS epochs."""
+    long_run = (config.epoch_eval_train >= COMPILE_MIN_EVAL_EPOCHS if evaluation_only
+                else config.Iteration >= COMPILE_MIN_ITERATIONS)
+    return FastPaths.resolve(device, precision=config.precision, compile=config.compile,
+                             memory_format=config.memory_format, eval_batched=config.eval_batched,
+                             long_run=long_run)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,12 +223,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _as_switch(name: str, value: Any) -> Any:
+    """An on/off/auto setting given as a boolean: YAML reads ``off`` as false, and checkpoints saved
+    before ``--compile auto`` existed hold ``compile`` as one."""
+    if FIELDS[name].metadata["choices"] == SWITCHES and isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def saved_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration in today's terms: switches as on/off, settings added since at their defaults."""
+    return {**{name: spec.default for name, spec in FIELDS.items()},
+            **{name: _as_switch(name, value) if name in FIELDS else value for name, value in values.items()}}
+
+
 def check_value(name: str, value: Any, source: str) -> Any:
     """Type-check one setting from a YAML file (ints are accepted for floats)."""
     if name not in FIELDS:
         close = difflib.get_close_matches(name, FIELDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown key {name!r} in {source}{hint}")
+    value = _as_switch(name, value)
     expected = FIELD_TYPES[name]
     if value is None and FIELDS[name].default is None:
         return None

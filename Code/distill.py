@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
-from config import Config, resolve_eval_batched
+from config import Config, resolve_fast_paths
 from data import Dataset
 from distributed import SINGLE, World
 from errors import Interrupted
@@ -40,7 +40,7 @@ from monitor import FiniteWatch, LossLog
 from networks import Network
 from outputs import RunDirectory
 from pool import INITIAL_POOL_SIZE, NetPool, PoolNet, RealSampler
-from precision import autocast, resolve_precision
+from precision import autocast
 from rng import make_generator
 from runtime import STOP
 from synthetic import SyntheticSet, initial_images
@@ -76,12 +76,12 @@ class Experiment:
         self.classes = world.block(dataset.num_classes)
         self.synset = SyntheticSet(initial_images(config, dataset, index, self.classes, device), self.classes,
                                    config.ipc, config.aug, config.optim, config.lr_img)
-        self.precision = resolve_precision(config.precision, device)
-        self.pool = NetPool(config, dataset, (index,), device, self.precision, world)
+        self.fast = resolve_fast_paths(config, device)
+        self.precision = self.fast.precision
+        self.pool = NetPool(config, dataset, (index,), device, self.fast, world)
         self.dsa_param = ParamDiffAug(aug_mode=config.dsa_mode)
         protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
-                                self.dsa_param, self.precision, resolve_eval_batched(config.eval_batched, device),
-                                config.compile)
+                                self.dsa_param, self.fast)
         self.points = EvaluationPoints(config, dataset, run_dir, world, protocol, best, index)
         self.ipc1_rules = config.ipc1_rules and config.ipc == 1 and not config.aug
         self.log = LossLog(world)

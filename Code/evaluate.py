@@ -23,8 +23,9 @@ from typing import Any, Sequence
 import torch
 
 from augment import ParamDiffAug
+from compiled import compile_notice
 from cli import OneLineParser, add_config_flags
-from config import Config, below_published, departures_from_reference, resolve_eval_batched, validate
+from config import Config, below_published, departures_from_reference, resolve_fast_paths, validate
 from data import Dataset
 from distributed import leave
 from errors import ConfigError, DataError, exit_code_of
@@ -33,7 +34,6 @@ from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
 from pipeline import join_processes, load_dataset, merge_accuracies, results_record, shared_run_directory
 from pool import RealSampler
-from precision import resolve_precision
 from rng import make_generator
 from runtime import keep_freed_memory
 from synthetic import decoded_set, set_labels
@@ -41,7 +41,7 @@ from synthetic import decoded_set, set_labels
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
               "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision", "eval_batched", "compile", "dist_backend")
+              "test_fraction", "precision", "eval_batched", "compile", "memory_format", "dist_backend")
 
 
 @dataclass
@@ -247,15 +247,17 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run_dir = shared_run_directory(world, create_run_directory)
     world.say(f"evaluating {source.kind} ({len(images)} training images) on {dataset.name} with "
               f"{', '.join(models)}: {config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}")
+    fast = resolve_fast_paths(config, device, evaluation_only=True)
+    if fast.compiled:
+        world.say(compile_notice())
     protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
-                            ParamDiffAug(aug_mode=config.dsa_mode), resolve_precision(config.precision, device),
-                            resolve_eval_batched(config.eval_batched, device), config.compile)
+                            ParamDiffAug(aug_mode=config.dsa_mode), fast)
     accuracies = evaluate_set(images, labels, models, config.num_eval, dataset, protocol, config.seed,
                               ("evaluate", source.kind), description="evaluate", world=world)
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),
                             "accuracies": accuracies, "summary": {m: summarize(v) for m, v in accuracies.items()}})
     results = results_record(
-        config, merge_accuracies([accuracies]), device, run_dir, time.perf_counter() - started,
+        config, merge_accuracies([accuracies]), fast, device, run_dir, time.perf_counter() - started,
         method=source.kind, ipc=ipc, aug=source.decode, iterations=meta.get("iterations", meta.get("iteration", 0)),
         num_exp=1, reduced_budget=is_reduced(config, source),
         departures_from_published=evaluation_departures(config), source=origin, processes=world.size)

@@ -24,9 +24,9 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
-from compiled import compile_network
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
+from fast_paths import FastPaths
 from networks import get_network
 from precision import autocast
 from rng import make_generator
@@ -45,9 +45,7 @@ class EvalProtocol:
     lr: float = 0.01
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     dsa_param: ParamDiffAug = field(default_factory=ParamDiffAug)
-    precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
-    stacked: bool = False  # train the networks of one model together (vmap)
-    compiled: bool = False  # torch.compile each network trained one after another
+    fast: FastPaths = FastPaths()  # precision, compile, layout, stacked training
     interruptible: bool = True  # honour stop requests between epochs
 
     @property
@@ -69,7 +67,7 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
         permutation = torch.randperm(len(images), generator=order, device=order.device)
         for batch in permutation.split(protocol.batch_train):
             augmented = dsa.per_image(images[batch])
-            with autocast(augmented.device, protocol.precision):
+            with autocast(augmented.device, protocol.fast.precision):
                 logits = net(augmented)
             loss = F.cross_entropy(logits.float(), labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -112,8 +110,8 @@ class EvalNet:
               device: torch.device) -> "EvalNet":
         net = get_network(model, dataset.channel, dataset.num_classes, dataset.im_size,
                           generator=make_generator(seed, *key, "init"), device=device)
-        if protocol.compiled and not protocol.stacked:
-            net = compile_network(net)
+        if not protocol.fast.eval_stacked:
+            net = protocol.fast.prepare(net)
         dsa = DSA(protocol.dsa_strategy, make_generator(seed, *key, "dsa-choice"),
                   make_generator(seed, *key, "dsa-values", device=device), protocol.dsa_param)
         return cls(net, make_generator(seed, *key, "order", device=device), dsa)
@@ -125,7 +123,7 @@ def evaluate_model(model: str, images: torch.Tensor, labels: torch.Tensor, datas
     """Train one fresh ``model`` on the set and return its test accuracy (percent)."""
     member = EvalNet.fresh(model, dataset, protocol, seed, tuple(key), images.device)
     train_on_set(member.net, images, labels, protocol, member.order, member.dsa, progress)
-    return test_accuracy(member.net, dataset.test, precision=protocol.precision)
+    return test_accuracy(member.net, dataset.test, precision=protocol.fast.precision)
 
 
 class StackedNets:
@@ -177,7 +175,7 @@ def uses_batch_statistics(net: nn.Module) -> bool:
 def train_together(members: list[EvalNet], images: torch.Tensor, labels: torch.Tensor, protocol: EvalProtocol,
                    progress: tqdm | None = None) -> StackedNets:
     """``train_on_set`` for several networks at once, each with its own order and augmentation."""
-    stacked = StackedNets([member.net for member in members], protocol.precision)
+    stacked = StackedNets([member.net for member in members], protocol.fast.precision)
     lr = protocol.lr
     for epoch in range(protocol.epochs + 1):
         orders = torch.stack([torch.randperm(len(images), generator=m.order, device=m.order.device)
@@ -218,7 +216,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, models: list[str], 
     """Test accuracies (percent) of ``num_eval`` fresh networks per model.
 
     The networks are dealt out to the processes of ``world`` and their
-    accuracies gathered. With ``protocol.stacked`` a process's networks of one
+    accuracies gathered. With ``protocol.fast.eval_stacked`` a process's networks of one
     model train together (``evaluate_model_stacked``). Each network's random
     streams are keyed by its name, so neither choice changes the experiment.
     """
@@ -235,7 +233,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, models: list[str], 
             indices = [i for i in mine if names[i][0] == model]
             keys = [names[i][1] for i in indices]
             stacked = (evaluate_model_stacked(model, images, labels, dataset, protocol, seed, keys, progress)
-                       if protocol.stacked and keys else None)
+                       if protocol.fast.eval_stacked and keys else None)
             if stacked is None:
                 stacked = [evaluate_model(model, images, labels, dataset, protocol, seed, k, progress) for k in keys]
             accuracies.update(zip(indices, stacked))

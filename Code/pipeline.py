@@ -14,8 +14,8 @@ from typing import Any, Callable
 import torch
 
 from checkpoint import Checkpoint, Checkpoints, RunProgress
-from compiled import compile_cache_dir
-from config import (Config, below_published, departures_from_reference, resolve_device, resolve_eval_batched,
+from compiled import compile_notice
+from config import (Config, below_published, departures_from_reference, resolve_device, resolve_fast_paths,
                     validate_against_data)
 from data import DataOptions, Dataset, get_dataset
 from distill import Experiment
@@ -23,10 +23,10 @@ from distributed import World, join, leave, process_device
 from errors import ConfigError, Interrupted
 from evaluation import summarize
 from evaluation_points import BestOnTest
+from fast_paths import FastPaths
 from methods import get_method
 from networks import has_batch_norm
 from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
-from precision import resolve_precision
 
 
 def load_dataset(config: Config, device: torch.device) -> Dataset:
@@ -34,7 +34,7 @@ def load_dataset(config: Config, device: torch.device) -> Dataset:
     return get_dataset(config.dataset, config.data_path, options).to(device)
 
 
-def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: RunDirectory, world: World) -> None:
+def announce(config: Config, fast: FastPaths, dataset: Dataset, device: torch.device, run_dir: RunDirectory, world: World) -> None:
     processes = f", {world.size} processes ({torch.get_num_threads()} CPU threads each)" if world.distributed else ""
     print(f"{config.method.upper()} on {dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} "
           f"training / {len(dataset.test)} test images, IPC {config.ipc}, device {device}{processes}", flush=True)
@@ -44,9 +44,8 @@ def announce(config: Config, dataset: Dataset, device: torch.device, run_dir: Ru
         listed = ", ".join(f"{name} {d['used']} (published {d['published']})" for name, d in departures.items())
         label = "REDUCED BUDGET" if below_published(departures) else "MODIFIED PROTOCOL"
         print(f"{label}, not the paper protocol: {listed}", flush=True)
-    if config.compile:
-        print("--compile: the first iteration and the first evaluation also compile the networks (tens of "
-              f"seconds on a CPU); compiled code is cached in {compile_cache_dir()} for later runs", flush=True)
+    if fast.compiled:
+        print(compile_notice(), flush=True)
 
 
 def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
@@ -58,13 +57,7 @@ def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, 
     return {model: {**summarize(values), "accuracies": values} for model, values in pooled.items()}
 
 
-def compute_path(config: Config, device: torch.device) -> dict[str, Any]:
-    """How the numbers were computed, as resolved on ``device`` (``auto`` settings differ between machines)."""
-    return {"precision": "bf16" if resolve_precision(config.precision, device) is not None else "fp32",
-            "eval_stacked": resolve_eval_batched(config.eval_batched, device), "compiled": config.compile}
-
-
-def results_record(config: Config, final: dict[str, dict[str, Any]], device: torch.device,
+def results_record(config: Config, final: dict[str, dict[str, Any]], fast: FastPaths, device: torch.device,
                    run_dir: RunDirectory, seconds: float, **overrides: Any) -> dict[str, Any]:
     """The results.json schema shared by distillation runs and evaluate.py; ``overrides``
     replace what the config alone cannot say (e.g. the method of an evaluated set)."""
@@ -72,7 +65,7 @@ def results_record(config: Config, final: dict[str, dict[str, Any]], device: tor
     departures = departures_from_reference(config)
     record = {
         "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
-        "aug": config.aug, "seed": config.seed, "device": str(device), **compute_path(config, device),
+        "aug": config.aug, "seed": config.seed, "device": str(device), **fast.record(),
         "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
         "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
         "reduced_budget": below_published(departures), "departures_from_published": departures,
@@ -147,10 +140,11 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     with world.main_first():
         dataset = load_dataset(config, device)
     validate_against_data(config, dataset.train.class_sizes(), dataset.im_size)
+    fast = resolve_fast_paths(config, device)
     run_dir = shared_run_directory(world, lambda: open_run_directory(config, resume, in_place))
     progress = RunProgress() if resume is None else resume.progress()
     if world.is_main:
-        announce(config, dataset, device, run_dir, world)
+        announce(config, fast, dataset, device, run_dir, world)
         if resume is not None and resume.payload["world_size"] != world.size:
             print(f"resuming a run started with {resume.payload['world_size']} process(es) on {world.size}: "
                   "classes, pool nets and evaluation networks are dealt out anew; the results are the same "
@@ -173,7 +167,7 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
         checkpoints.save(None)
     inits = [outcome["init"] for outcome in progress.outcomes if outcome["init"] is not None]
     final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
-    results = results_record(config, final, device, run_dir, time.perf_counter() - started,
+    results = results_record(config, final, fast, device, run_dir, time.perf_counter() - started,
                              init=merge_accuracies(inits) if inits else None,
                              best_on_test=best_on_test_record(progress.best), processes=world.size)
     run_dir.write_results(results)

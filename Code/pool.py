@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from config import Config
-from compiled import compile_network
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
+from fast_paths import FastPaths
 from monitor import FiniteWatch
 from networks import Network, get_network
 from precision import autocast
@@ -81,11 +81,11 @@ class NetPool:
     """The reference's list of networks that grows, trains on real data and is sampled."""
 
     def __init__(self, config: Config, dataset: Dataset, seed_key: tuple[object, ...], device: torch.device,
-                 precision: torch.dtype | None = None, world: World = SINGLE) -> None:
+                 fast: FastPaths = FastPaths(), world: World = SINGLE) -> None:
         self.config = config
         self.dataset = dataset
         self.device = device
-        self.precision = precision
+        self.fast = fast
         self.world = world
         self.seed_key = seed_key
         self.init_generator = make_generator(config.seed, *seed_key, "pool-init")
@@ -97,7 +97,7 @@ class NetPool:
         d = self.dataset
         net = get_network(self.config.model, d.channel, d.num_classes, d.im_size,
                           generator=self.init_generator, device=self.device)
-        return (compile_network(net) if self.config.compile else net).train()
+        return self.fast.prepare(net).train()
 
     def _new_net(self) -> PoolNet:
         net = self.fresh_network()
@@ -143,7 +143,7 @@ class NetPool:
         entry.net.train()
         for _ in range(self.config.model_train_steps):
             images, labels = sampler.batch(self.config.trained_bs)
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.fast.precision):
                 logits = entry.net(images)
             loss = F.cross_entropy(logits.float(), labels)
             if watch is not None:

@@ -39,8 +39,18 @@ def cpu_has_bf16_units() -> bool:
     ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) set below
     AVX512_CORE_BF16 makes oneDNN emulate bf16, so the units count as absent.
     """
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).lower()
-    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS) and cap not in ISA_CAPS_WITHOUT_BF16
+    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS) and _isa_cap() not in ISA_CAPS_WITHOUT_BF16
+
+
+def _isa_cap() -> str:
+    """oneDNN's instruction-set cap, lower case ('' when none is set)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).lower()
+
+
+def cpu_has_amx_units() -> bool:
+    """Whether the CPU has AMX tile units for bf16 and oneDNN may use them (a cap at AVX512_CORE_BF16
+    or below excludes them)."""
+    return "amx_bf16" in cpu_flags() and cpu_has_bf16_units() and _isa_cap() != "avx512_core_bf16"
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -4,9 +4,10 @@ Runs the published configuration (``--dataset FashionMNIST --ipc 10`` is the
 MNIST IPC-10 line of Command.txt on Fashion-MNIST) on the real data through the
 project's own loop (Experiment.pool_iteration). Not a test: it measures, it
 asserts nothing. It prints one JSON line for the path the flags choose (the
-default path when no speed flag is given), then one for the plain path
-(``--precision fp32``, no compile) measured in the same process, so that every
-speed-up is a ratio on one machine (``--no_plain`` skips it).
+default path when no speed flag is given, with the ``auto`` rules of the
+scripts), then one for the plain path (fp32, no compile, contiguous layout)
+measured in the same process, so that every speed-up is a ratio on one machine
+(``--no_plain`` skips it).
 
     python bench/bench.py --dataset FashionMNIST --ipc 10 --iterations 3 --eval_epochs 3 --device cpu
 
@@ -42,7 +43,7 @@ import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Callable, Iterator, NamedTuple  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
 
@@ -62,6 +63,17 @@ from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
 from precision import autocast, cpu_flags, cpu_has_bf16_units  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
+
+
+class SpeedPath(NamedTuple):
+    """The speed flags of one measured path."""
+
+    precision: str
+    compile: str
+    memory_format: str
+
+
+PLAIN = SpeedPath("fp32", "off", "contiguous")
 
 
 def synchronize(device: torch.device) -> None:
@@ -178,7 +190,8 @@ def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bo
     """Seconds per epoch of ``nets`` fresh ConvNets trained on the decoded synthetic set
     (reference protocol: DSA per image, SGD), together (vmap) or one after another."""
     images, labels = experiment.synset.training_set(SINGLE, experiment.dataset.num_classes)
-    protocol = replace(experiment.points.protocol, stacked=stacked)
+    protocol = experiment.points.protocol
+    protocol = replace(protocol, fast=replace(protocol.fast, eval_stacked=stacked))
 
     def train(protocol: EvalProtocol, key: str) -> None:
         members = [EvalNet.fresh("ConvNet", experiment.dataset, protocol, 0, (key, k), device) for k in range(nets)]
@@ -222,11 +235,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval_epochs", type=int, default=3, help="timed evaluation epochs (after one warm-up)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network forwards")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="torch.compile the networks (auto: the run's rule, see the scripts' --help)")
+    parser.add_argument("--memory_format", default="auto", choices=("auto", "contiguous", "channels_last"))
     parser.add_argument("--stacked_nets", type=int, default=5,
                         help="also time this many ConvNets trained together (vmap) per epoch; 0 skips")
     parser.add_argument("--no_plain", action="store_true",
-                        help="skip the plain path (--precision fp32, no compile) measured after the chosen one")
+                        help="skip the plain path (fp32, no compile, contiguous) measured after the chosen one")
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--nproc", type=int, default=0,
                         help="scaling: measure one process, then this many under torchrun, each with --threads "
@@ -237,16 +252,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def published_config(args: argparse.Namespace, precision: str, compile: bool) -> Config:
+def published_config(args: argparse.Namespace, path: SpeedPath) -> Config:
     """The published configuration of the benchmarked dataset and IPC, on one speed path."""
-    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", precision,
-            "--compile" if compile else "--no-compile", *(["--data_path", args.data_path] if args.data_path else [])]
+    argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", path.precision,
+            "--compile", path.compile, "--memory_format", path.memory_format,
+            *(["--data_path", args.data_path] if args.data_path else [])]
     return resolve_config(argv, {}).config
 
 
-def measure(args: argparse.Namespace, precision: str, compile: bool) -> dict[str, Any]:
-    """Time one path (precision, compile) through the loop and return its record."""
-    config = published_config(args, precision, compile)
+def chosen_path(args: argparse.Namespace) -> SpeedPath:
+    return SpeedPath(args.precision, args.compile, args.memory_format)
+
+
+def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
+    """Time one speed path through the loop and return its record."""
+    config = published_config(args, path)
     device = resolve_device(config.device)
     dataset = load_dataset(config, device)
     with tempfile.TemporaryDirectory() as scratch:
@@ -274,7 +294,8 @@ def measure(args: argparse.Namespace, precision: str, compile: bool) -> dict[str
         "startup_s": round(startup, 2), "first_iteration_s": round(first_iteration, 2),
         "peak_memory_mb": round(peak_memory),
         "iterations_timed": len(totals), "eval_epochs_timed": args.eval_epochs, "device": str(device),
-        "compile": config.compile,
+        "compile": experiment.fast.compiled,
+        "memory_format": experiment.fast.record()["memory_format"],
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "amx": "amx_bf16" in cpu_flags() if device.type == "cpu" else None,
         "avx512": "avx512f" in cpu_flags() if device.type == "cpu" else None,
@@ -307,7 +328,7 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
     """One side of --nproc: this process's part of the run (alone, or one of torchrun's); the first
     process returns the record: per phase the slowest process's seconds, each process's share of
     the work, and the payload bytes its collectives moved per iteration."""
-    config = published_config(args, args.precision, args.compile)
+    config = published_config(args, chosen_path(args))
     device_type = resolve_device(config.device).type
     world = join(device_type, config.dist_backend) if launched_by_torchrun() else SINGLE
     torch.set_num_threads(args.threads)
@@ -350,7 +371,7 @@ def scaling(args: argparse.Namespace) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     child = [str(Path(__file__).resolve()), "--dataset", args.dataset, "--ipc", str(args.ipc), "--iterations",
              str(args.iterations), "--eval_epochs", str(args.eval_epochs), "--device", args.device, "--precision",
-             args.precision, *(["--compile"] if args.compile else []),
+             args.precision, "--compile", args.compile, "--memory_format", args.memory_format,
              *(["--data_path", args.data_path] if args.data_path else []), "--as_process", "--threads", str(threads)]
     records = []
     for processes in (1, args.nproc):
@@ -367,14 +388,15 @@ def scaling(args: argparse.Namespace) -> None:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    """Print one JSON line for the chosen path, then one for the plain path (fp32, no compile) measured
-    in the same process, so that their ratio compares like with like on one machine."""
-    chosen = measure(args, args.precision, args.compile)
+    """Print one JSON line for the chosen path, then one for the plain path (fp32, no compile, contiguous)
+    measured in the same process, so that their ratio compares like with like on one machine."""
+    chosen = measure(args, chosen_path(args))
     chosen["path"] = "chosen"
-    if args.no_plain or (chosen["precision"], chosen["compile"]) == ("fp32", False):
+    resolved = (chosen["precision"], "on" if chosen["compile"] else "off", chosen["memory_format"])
+    if args.no_plain or SpeedPath(*resolved) == PLAIN:
         print(json.dumps(chosen), flush=True)
         return
-    plain = {**measure(args, "fp32", False), "path": "plain", "startup_s": None}
+    plain = {**measure(args, PLAIN), "path": "plain", "startup_s": None}
     chosen["speedup_vs_plain"] = {"iteration": round(plain["s_per_iteration"] / chosen["s_per_iteration"], 2),
                                   "eval_epoch": round(plain["s_per_eval_epoch"] / chosen["s_per_eval_epoch"], 2)}
     print(json.dumps(chosen), flush=True)

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import resolve_eval_batched
 from data import DataOptions, get_dataset
 from evaluation import (EvalNet, EvalProtocol, evaluate_model, evaluate_model_stacked, evaluate_set, train_on_set,
                         train_together)
+from fast_paths import FastPaths, resolve_eval_batched
 from helpers import UPDATE_TOLERANCE, parameters_of, update_distances
-from precision import resolve_precision
 
 CPU = torch.device("cpu")
 KEYS = [("test", k) for k in range(3)]
@@ -41,7 +40,7 @@ def test_one_stacked_sgd_step_is_the_sequential_step_up_to_rounding(small) -> No
     makes the K convolutions one grouped convolution), so the updates agree to fp32 rounding of
     their size (1e-5 measured), far inside UPDATE_TOLERANCE; a learning rate 10 % off is 0.1."""
     dataset, images, labels = small
-    protocol = EvalProtocol(epochs=0, batch_train=len(images), precision=resolve_precision("fp32", CPU))
+    protocol = EvalProtocol(epochs=0, batch_train=len(images), fast=FastPaths(precision=None))
     for distances in train_both_ways(dataset, images, labels, protocol):
         assert max(distances.values()) < UPDATE_TOLERANCE, distances
 
@@ -52,7 +51,7 @@ def test_stacked_training_follows_the_sequential_trajectory(small) -> None:
     optimiser reset at the drop and each network's own DSA draws all show here: momentum 0.8 instead
     of 0.9 moves a layer by 0.25 of its update, a network trained without DSA by 0.7."""
     dataset, images, labels = small
-    protocol = EvalProtocol(epochs=3, batch_train=8, precision=resolve_precision("fp32", CPU))
+    protocol = EvalProtocol(epochs=3, batch_train=8, fast=FastPaths(precision=None))
     for distances in train_both_ways(dataset, images, labels, protocol):
         assert max(distances.values()) < UPDATE_TOLERANCE, distances
 
@@ -61,14 +60,14 @@ def test_stacked_and_sequential_evaluation_give_the_same_accuracies(small) -> No
     """Identical accuracies: the weights agree to rounding (above), far below the logit margins of the
     generated classes, so no test image changes side."""
     dataset, images, labels = small
-    protocol = EvalProtocol(epochs=2, batch_train=8, precision=resolve_precision("fp32", CPU))
+    protocol = EvalProtocol(epochs=2, batch_train=8, fast=FastPaths(precision=None))
     sequential = [evaluate_model("ConvNet", images, labels, dataset, protocol, 0, key) for key in KEYS]
     assert evaluate_model_stacked("ConvNet", images, labels, dataset, protocol, 0, KEYS) == sequential
 
 
 def test_batchnorm_models_fall_back_to_sequential(small) -> None:
     dataset, images, labels = small
-    protocol = EvalProtocol(epochs=0, batch_train=8, stacked=True)
+    protocol = EvalProtocol(epochs=0, batch_train=8, fast=FastPaths(eval_stacked=True))
     assert evaluate_model_stacked("ConvNetBN", images, labels, dataset, protocol, 0, KEYS) is None
     accuracies = evaluate_set(images, labels, ["ConvNetBN"], 2, dataset, protocol, 0, ("k",))
     assert len(accuracies["ConvNetBN"]) == 2

@@ -30,7 +30,8 @@ def test_one_json_line_with_every_figure(image_folder: Path) -> None:
     assert peak["conv_layout"] in ("NCHW", "NHWC")
     assert record["path"] == "chosen" and "speedup_vs_plain" not in record  # fp32 without compile is the plain path
     assert record["peak_memory_mb"] > 0 and record["threads"] >= 1
-    assert (record["device"], record["precision"], record["compile"]) == ("cpu", "fp32", False)
+    assert (record["device"], record["precision"], record["compile"], record["memory_format"]) == \
+        ("cpu", "fp32", False, "contiguous")
     for key in ("device_name", "amx", "avx512", "bf16_units", "torch_version"):
         assert key in record, key
 
@@ -61,10 +62,10 @@ def test_a_fast_path_is_printed_beside_the_plain_path_with_their_ratio(monkeypat
     sys.path.insert(0, str(BENCH.parent))
     import bench
 
-    def measure(args, precision: str, compile: bool) -> dict:
-        seconds = {"bf16": (2.0, 0.5), "fp32": (3.0, 0.6)}[precision]
-        return {"s_per_iteration": seconds[0], "s_per_eval_epoch": seconds[1], "precision": precision,
-                "compile": compile, "startup_s": 1.0}
+    def measure(args, path: bench.SpeedPath) -> dict:
+        seconds = {"bf16": (2.0, 0.5), "fp32": (3.0, 0.6)}[path.precision]
+        return {"s_per_iteration": seconds[0], "s_per_eval_epoch": seconds[1], "precision": path.precision,
+                "compile": path.compile == "on", "memory_format": "contiguous", "startup_s": 1.0}
 
     monkeypatch.setattr(bench, "measure", measure)
     bench.benchmark(bench.parse_args(["--precision", "bf16"]))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cli import main, resolve_config
-from config import Config, reference_config
+from config import Config, reference_config, saved_settings
 from helpers import CODE_DIR, run_script, write_image_folder
 
 COMMANDS = [line for line in (CODE_DIR.parent / "Command.txt").read_text().splitlines() if line.startswith("python")]
@@ -74,6 +74,27 @@ def test_config_file_overrides_defaults_and_command_line_overrides_the_file(tmp_
 def test_booleans_have_no_forms(flag: str) -> None:
     config = resolve_config(["--dataset", "MNIST", flag], {}).config
     assert config.aug is False
+
+
+@pytest.mark.parametrize("argv, value", [([], "auto"), (["--compile"], "on"), (["--no-compile"], "off"),
+                                         (["--compile", "off"], "off"), (["--compile", "auto"], "auto")])
+def test_on_off_auto_settings_take_a_bare_flag_as_on(argv: list[str], value: str) -> None:
+    assert resolve_config(argv, {}).config.compile == value
+
+
+def test_yaml_booleans_are_on_and_off(tmp_path: Path) -> None:
+    """YAML reads ``off`` as false; an on/off/auto setting takes it as "off" rather than failing."""
+    path = tmp_path / "speed.yaml"
+    path.write_text("compile: true\neval_batched: off\n")
+    config = resolve_config(["--config", str(path)], {}).config
+    assert (config.compile, config.eval_batched) == ("on", "off")
+
+
+def test_a_saved_configuration_is_read_in_todays_terms() -> None:
+    """Checkpoints saved before --compile took auto held a boolean, and none held --memory_format."""
+    saved = saved_settings({"compile": False, "ipc": 10})
+    assert (saved["compile"], saved["memory_format"], saved["ipc"]) == ("off", "auto", 10)
+    assert Config(**saved).compile == "off"
 
 
 def test_print_config_prints_yaml_and_exits(capsys: pytest.CaptureFixture) -> None:

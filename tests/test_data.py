@@ -1,4 +1,4 @@
-"""Specification of data.py: real Fashion-MNIST, the idx reader, every loader's error paths,
+"""Specification of the data package: real Fashion-MNIST, the idx reader, every loader's error paths,
 ImageFolder, Tiny-ImageNet (.pt and archive) and ZCA, all without network access."""
 
 from __future__ import annotations

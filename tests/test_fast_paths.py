@@ -1,8 +1,10 @@
-"""The fast paths (--precision bf16, --compile) compute what the fp32 eager path does, within stated tolerances."""
+"""The fast paths (--precision bf16, --compile, --memory_format channels_last) compute what the fp32 eager
+path does, within stated tolerances, and their auto rules pick them where the bench measured them faster."""
 
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,16 @@ import pytest
 import torch
 
 import compiled
+import fast_paths
 import networks
 import precision
-from config import Config
+from config import Config, resolve_fast_paths
 from data import DataOptions, get_dataset
 from distill import Experiment
 from evaluation_points import BestOnTest
 from errors import ConfigError
 from evaluation import EvalNet, EvalProtocol, train_on_set
+from fast_paths import FastPaths
 from helpers import CODE_DIR, UPDATE_TOLERANCE, parameters_of, update_distances
 from methods import get_method
 from outputs import RunDirectory
@@ -52,9 +56,10 @@ def test_bf16_units_count_only_where_onednn_may_use_them(monkeypatch: pytest.Mon
 
 
 def first_update_terms(folder: Path, tmp_path: Path, name: str, **speed: Any) -> dict[str, float]:
-    """Loss terms of the first image update (class 0) after one round of pool training, same seed."""
+    """Loss terms of the first image update (class 0) after one round of pool training, same seed
+    (eager and contiguous unless ``speed`` says otherwise)."""
     config = Config(dataset="ImageFolder", data_path=str(folder), im_size=16, ipc=2, batch_real=6, trained_bs=8,
-                    model_train_steps=2, device="cpu", **speed)
+                    model_train_steps=2, device="cpu", **{"compile": "off", "memory_format": "contiguous", **speed})
     dataset = get_dataset("ImageFolder", folder, DataOptions(im_size=16))
     experiment = Experiment(config, get_method("bacon"), dataset, RunDirectory.create(tmp_path, name), 0, CPU,
                             BestOnTest())
@@ -92,7 +97,7 @@ def test_compiled_losses_match_eager_within_fp32_rounding(image_folder: Path, tm
     torch._dynamo.reset()  # compile afresh, so the graph count below proves the compiled path ran
     torch._dynamo.utils.counters.clear()
     eager = first_update_terms(image_folder, tmp_path, "eager", precision="fp32")
-    compiled = first_update_terms(image_folder, tmp_path, "compiled", precision="fp32", compile=True)
+    compiled = first_update_terms(image_folder, tmp_path, "compiled", precision="fp32", compile="on")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     for term, value in eager.items():
         assert compiled[term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
@@ -105,7 +110,7 @@ def test_compiled_evaluation_trains_like_eager(image_folder: Path) -> None:
     images, labels = dataset.train.fetch(torch.arange(12)), dataset.train.labels[:12]
     trained, initial = [], {}
     for compiled in (False, True):
-        protocol = EvalProtocol(epochs=0, batch_train=8, compiled=compiled, precision=precision.resolve_precision("fp32", CPU))
+        protocol = EvalProtocol(epochs=0, batch_train=8, fast=FastPaths(precision=None, compiled=compiled))
         member = EvalNet.fresh("ConvNet", dataset, protocol, 0, ("same",), CPU)
         initial = parameters_of(member.net)
         train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
@@ -118,7 +123,7 @@ def test_compile_without_a_compiler_fails_before_the_run(monkeypatch: pytest.Mon
     monkeypatch.setenv("CXX", "no-such-compiler")
     compiled.require_compiler.cache_clear()  # a failed check is not cached, a passed one is
     net = networks.get_network("ConvNet", 1, 3, (16, 16))
-    with pytest.raises(ConfigError, match="C\\+\\+ compiler.*without --compile"):
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler.*--compile off"):
         compiled.compile_network(net)
 
 
@@ -126,7 +131,7 @@ def test_compiled_bf16_matches_eager_bf16(image_folder: Path, tmp_path: Path) ->
     """The AMX/CUDA fast path (bf16 autocast inside compiled graphs) runs and agrees with eager bf16
     within BF16_TOLERANCE: both round to bf16, at different places."""
     eager = first_update_terms(image_folder, tmp_path, "eager-bf16", precision="bf16")
-    compiled = first_update_terms(image_folder, tmp_path, "compiled-bf16", precision="bf16", compile=True)
+    compiled = first_update_terms(image_folder, tmp_path, "compiled-bf16", precision="bf16", compile="on")
     for term in BF16_TERMS:
         assert compiled[term] == pytest.approx(eager[term], rel=BF16_TOLERANCE), term
 
@@ -142,3 +147,68 @@ def test_compiled_kernels_are_cached_per_aten_capability(tmp_path: Path, environ
     shown = subprocess.run([sys.executable, "-c", "import compiled; print(compiled.compile_cache_dir())"],
                            cwd=CODE_DIR, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert shown.endswith(folder_name)
+
+
+def test_channels_last_losses_match_contiguous_within_fp32_rounding(image_folder: Path, tmp_path: Path) -> None:
+    """NHWC weights and activations change which kernels run and in what order they sum, nothing else:
+    the first update's terms agree with the contiguous run as compiled ones do (bound 1e-4 relative)."""
+    contiguous = first_update_terms(image_folder, tmp_path, "contiguous", precision="fp32")
+    nhwc = first_update_terms(image_folder, tmp_path, "nhwc", precision="fp32", memory_format="channels_last")
+    for term, value in contiguous.items():
+        assert nhwc[term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
+
+
+def test_prepared_networks_are_in_the_chosen_layout() -> None:
+    net = FastPaths(channels_last=True).prepare(networks.get_network("ConvNet", 1, 3, (16, 16)))
+    assert net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert net.features(torch.zeros(2, 1, 16, 16)).shape == (2, 128, 2, 2)
+
+
+AMX_MACHINE = dict(amx=True, precision=torch.bfloat16, long_run=True, compiler=True)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, True),
+    ({"amx": False}, False),  # AVX-512-BF16 or fp32-only CPUs: compiled was slower (Zen 4)
+    ({"precision": None}, False),  # fp32 runs: the AMX measurement was bf16
+    ({"long_run": False}, False),  # a short run cannot repay compiling
+    ({"compiler": False}, False),  # inductor cannot build kernels
+])
+def test_compile_auto_is_on_only_for_long_bf16_runs_on_amx_cpus(monkeypatch: pytest.MonkeyPatch,
+                                                                change: dict[str, Any], expected: bool) -> None:
+    machine = {**AMX_MACHINE, **change}
+    monkeypatch.setattr(fast_paths, "cpu_has_amx_units", lambda: machine["amx"])
+    monkeypatch.setattr(fast_paths, "compiler_found", lambda: machine["compiler"])
+    assert fast_paths.resolve_compile("auto", CPU, machine["precision"], machine["long_run"]) is expected
+
+
+def test_compile_auto_stays_off_on_cuda_and_on_off_are_obeyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_paths, "cpu_has_amx_units", lambda: True)
+    assert fast_paths.resolve_compile("auto", torch.device("cuda"), torch.bfloat16, True) is False  # unmeasured
+    assert fast_paths.resolve_compile("on", CPU, None, False) is True
+    assert fast_paths.resolve_compile("off", CPU, torch.bfloat16, True) is False
+
+
+@pytest.mark.parametrize("name, compiled, expected", [("auto", False, False), ("auto", True, True),
+                                                      ("channels_last", False, True), ("contiguous", True, False)])
+def test_channels_last_auto_follows_compilation(name: str, compiled: bool, expected: bool) -> None:
+    assert fast_paths.resolve_channels_last(name, compiled) is expected
+
+
+def test_a_long_run_is_counted_in_iterations_and_an_evaluation_in_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_paths, "cpu_has_amx_units", lambda: True)
+    monkeypatch.setattr(fast_paths, "compiler_found", lambda: True)
+    config = Config(precision="bf16", Iteration=fast_paths.COMPILE_MIN_ITERATIONS - 1,
+                    epoch_eval_train=fast_paths.COMPILE_MIN_EVAL_EPOCHS)
+    assert not resolve_fast_paths(config, CPU).compiled
+    assert resolve_fast_paths(config, CPU, evaluation_only=True).compiled
+    assert resolve_fast_paths(replace(config, Iteration=fast_paths.COMPILE_MIN_ITERATIONS), CPU).compiled
+
+
+def test_amx_units_count_only_where_onednn_may_use_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert precision.cpu_has_amx_units()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not precision.cpu_has_amx_units() and precision.cpu_has_bf16_units()
