@@ -20,6 +20,7 @@ import yaml
 from checkpoint import CHECKPOINT, PREVIOUS, Checkpoint, load_checkpoint
 from config import (FIELD_TYPES, FIELDS, RESUME_MAY_CHANGE, Config, load_yaml_config, protocol_defaults,
                     validate)
+from distributed import reports_errors
 from errors import ConfigError, exit_code_of
 from fast_paths import SWITCHES
 from pipeline import run
@@ -30,10 +31,11 @@ AUTO_RESUME = "auto"
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block) with exit code 2."""
+    """argparse that reports a bad flag in one line (no usage block) with exit code 2, once per machine
+    under torchrun."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n" if reports_errors() else None)
 
 
 def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
@@ -164,4 +166,4 @@ def main(script_defaults: dict[str, Any], argv: Sequence[str] | None = None) -> 
             run(invocation.config, invocation.resume, invocation.in_place)
 
     with stopping_on_signals():
-        return exit_code_of(prog, distil)
+        return exit_code_of(prog, distil, quiet=not reports_errors())

@@ -111,13 +111,12 @@ class Config:
                             "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
                                "only (2-3x slower than one after another on a 2-core CPU)", SPEED, SWITCHES)
-    compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; tens of "
-                          f"seconds of compiling per network shape); auto = on for bf16 runs of >= "
-                          f"{COMPILE_MIN_ITERATIONS} iterations on CPUs with AMX units and a C++ compiler, off "
-                          "elsewhere (slower on AMD Zen 4, unmeasured on CUDA)", SPEED, SWITCHES)
-    memory_format: str = option("auto", "layout of the network weights and activations; auto = channels_last "
-                                "for compiled networks only (eager norm and pooling are slower on it)", SPEED,
-                                MEMORY_FORMATS)
+    compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; 10-25 s of "
+                          "compiling on a CPU); auto = on for CPU runs of >= "
+                          f"{COMPILE_MIN_ITERATIONS} iterations with a C++ compiler, in fp32 or on AMX units; off "
+                          "for bf16 without AMX (slower on AMD Zen 4) and on CUDA (unmeasured)", SPEED, SWITCHES)
+    memory_format: str = option("auto", "layout of the network weights and activations; auto = contiguous "
+                                "(channels_last was slower on AMD Zen 4; try it on AMX)", SPEED, MEMORY_FORMATS)
 
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)

@@ -152,6 +152,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def reports_errors() -> bool:
+    """Whether this process prints a user error: one per machine (local rank 0), since every process
+    of a run raises the same one (same flags, same data, errors raised collectively)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def process_device(name: str, world: World) -> torch.device:
     """The device of this process: its own GPU (LOCAL_RANK) on CUDA."""
     if name == "cuda" and world.distributed:

@@ -48,11 +48,13 @@ class Interrupted(BaconError):
         return f"{prog}: {self}; checkpoint saved; resume with: python {prog} --resume {self.run_dir}"
 
 
-def exit_code_of(prog: str, action: Callable[[], object]) -> int:
-    """Run a command's ``action``; a BaconError becomes one line on stderr and its exit code."""
+def exit_code_of(prog: str, action: Callable[[], object], quiet: bool = False) -> int:
+    """Run a command's ``action``; a BaconError becomes one line on stderr (unless ``quiet``: another
+    process says it) and its exit code."""
     try:
         action()
     except BaconError as error:
-        print(error.describe(prog), file=sys.stderr)
+        if not quiet:
+            print(error.describe(prog), file=sys.stderr)
         return error.exit_code
     return 0

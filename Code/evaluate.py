@@ -27,7 +27,7 @@ from compiled import compile_notice
 from cli import OneLineParser, add_config_flags
 from config import Config, below_published, departures_from_reference, resolve_fast_paths, validate
 from data import Dataset
-from distributed import leave
+from distributed import leave, reports_errors
 from errors import ConfigError, DataError, exit_code_of
 from evaluation import EvalProtocol, evaluate_set, summarize
 from networks import get_eval_pool, model_names
@@ -271,7 +271,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
-    return exit_code_of("evaluate.py", lambda: evaluate(argv))
+    return exit_code_of("evaluate.py", lambda: evaluate(argv), quiet=not reports_errors())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The speed settings of a run, resolved once for its device: precision, compile, layout, stacked evaluation.
 
 None of them changes what is computed beyond rounding (tests/test_fast_paths.py
-bounds each). Every ``auto`` rule below follows a bench measurement
+bounds each). Every ``auto`` rule below follows bench measurements
 (bench/bench.py, published Fashion-MNIST IPC-10 configuration) on the machine
-kind it names; where a kind was never measured (AMX with channels-last, CUDA
-with compile) ``auto`` keeps the plain path and the flag selects the other.
+kinds it names; where a kind was never measured (channels-last on AMX, compile
+on CUDA) ``auto`` keeps the plain path and the flag selects the other.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from precision import cpu_has_amx_units, resolve_precision
 SWITCHES = ("auto", "on", "off")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
-# Compiling costs tens of seconds per network shape and grad mode; on AMX the
-# compiled iteration saved about 5 s, so runs shorter than this keep eager.
+# Compiling costs 10-25 s per run on a 2-core CPU (less with a warm cache) and saves
+# 0.8-5 s per iteration, so runs shorter than this stay eager.
 COMPILE_MIN_ITERATIONS = 200
 COMPILE_MIN_EVAL_EPOCHS = 300
 
@@ -33,22 +33,21 @@ def resolve_eval_batched(name: str, device: torch.device) -> bool:
 
 
 def resolve_compile(name: str, device: torch.device, precision: torch.dtype | None, long_run: bool) -> bool:
-    """``auto``: on for bf16 runs on CPUs with AMX units (the issue's bench there: 9.7 against 14.6 s per
-    iteration) that are long enough to repay compiling and have a C++ compiler; off elsewhere: slower on
-    AMD Zen 4 with AVX-512-BF16 (11.7 against 8.5 s) and in fp32 there, never measured on CUDA."""
+    """``auto``: on for long CPU runs with a C++ compiler, in fp32 (AMD Zen 4: 10.6 against 11.4 s per
+    iteration; with AVX2 kernels only, 12.0 against 12.9) or in bf16 on AMX units (the issue's bench
+    there: 9.7 against 14.6 s); off for bf16 on AVX-512-BF16 without AMX (Zen 4: 8.35 against 8.13 s,
+    evaluation epochs 0.62 against 0.52 s) and on CUDA (never measured)."""
     if name != "auto":
         return name == "on"
-    return (device.type == "cpu" and precision is not None and cpu_has_amx_units() and long_run
+    return (device.type == "cpu" and (precision is None or cpu_has_amx_units()) and long_run
             and compiler_found())
 
 
-def resolve_channels_last(name: str, compiled: bool) -> bool:
-    """``auto``: channels-last activations only inside compiled graphs, whose fused kernels read them
-    well (a compiled pool-training step 7 % faster on Zen 4); eager GroupNorm and pooling run 2.5x
-    slower on them there, so eager nets stay contiguous."""
-    if name != "auto":
-        return name == "channels_last"
-    return compiled
+def resolve_channels_last(name: str) -> bool:
+    """``auto`` keeps contiguous (NCHW) tensors: channels-last was slower on Zen 4 eager and compiled,
+    fp32 and bf16 (compiled fp32 13.5 against 10.5 s per iteration). It may pay on AMX, whose bf16
+    convolutions ran 2.7x faster on it in the issue's measurement, but no whole run was measured there."""
+    return name == "channels_last"
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ class FastPaths:
                 eval_batched: str, long_run: bool) -> FastPaths:
         dtype = resolve_precision(precision, device)
         compiled = resolve_compile(compile, device, dtype, long_run)
-        return cls(dtype, compiled, resolve_channels_last(memory_format, compiled),
-                   resolve_eval_batched(eval_batched, device))
+        return cls(dtype, compiled, resolve_channels_last(memory_format), resolve_eval_batched(eval_batched, device))
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` in the chosen layout, compiled if chosen (stacked networks are run functionally instead)."""

@@ -15,7 +15,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 def test_one_json_line_with_every_figure(image_folder: Path) -> None:
     result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
                        "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "2", "--device", "cpu",
-                       "--precision", "fp32")
+                       "--precision", "fp32", "--compile", "off")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -28,7 +28,7 @@ def test_one_json_line_with_every_figure(image_folder: Path) -> None:
     peak = record["peak"]
     assert record["device_peak_tflops"] == peak["best"] == max(peak["matmul"], peak["conv"]) > 0
     assert peak["conv_layout"] in ("NCHW", "NHWC")
-    assert record["path"] == "chosen" and "speedup_vs_plain" not in record  # fp32 without compile is the plain path
+    assert record["path"] == "chosen" and "speedup_vs_plain" not in record  # fp32 eager contiguous is the plain path
     assert record["peak_memory_mb"] > 0 and record["threads"] >= 1
     assert (record["device"], record["precision"], record["compile"], record["memory_format"]) == \
         ("cpu", "fp32", False, "contiguous")
@@ -45,7 +45,7 @@ def test_flops_are_counted_from_the_layer_shapes(image_folder: Path) -> None:
     forward = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 128 * 9 + 8 * 8 * 128 * 128 * 9 + 2048 * 3)
     result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
                        "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "0", "--device", "cpu",
-                       "--precision", "fp32")
+                       "--precision", "fp32", "--compile", "off")
     record = json.loads(result.stdout)
     assert record["tflops_per_iteration"] == round(1512 * forward / 1e12, 3)
     assert record["stacked_eval"] is None
@@ -77,8 +77,8 @@ def test_a_fast_path_is_printed_beside_the_plain_path_with_their_ratio(monkeypat
 
 def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(image_folder: Path) -> None:
     result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2", "--iterations", "1",
-                       "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--nproc", "2",
-                       "--threads", "1")
+                       "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--compile", "off",
+                       "--nproc", "2", "--threads", "1")
     assert result.returncode == 0, result.stderr
     one, two = map(json.loads, result.stdout.strip().splitlines())
     assert (one["processes"], two["processes"], two["threads_per_process"]) == (1, 2, 1)
