@@ -33,10 +33,10 @@ def resolve_eval_batched(name: str, device: torch.device) -> bool:
 
 
 def resolve_compile(name: str, device: torch.device, precision: torch.dtype | None, long_run: bool) -> bool:
-    """``auto``: on for long CPU runs with a C++ compiler, in fp32 (AMD Zen 4: 10.6 against 11.4 s per
-    iteration; with AVX2 kernels only, 12.0 against 12.9) or in bf16 on AMX units (the issue's bench
-    there: 9.7 against 14.6 s); off for bf16 on AVX-512-BF16 without AMX (Zen 4: 8.35 against 8.13 s,
-    evaluation epochs 0.62 against 0.52 s) and on CUDA (never measured)."""
+    """``auto``: on for long CPU runs with a C++ compiler, in fp32 (AMD Zen 4: 10.2 against 11.1 s per
+    iteration; with AVX2 kernels only, 11.4 against 11.9) or in bf16 on AMX units (the issue's bench
+    there: 9.7 against 14.6 s); off for bf16 on AVX-512-BF16 without AMX (Zen 4: 8.0 against 7.4 s,
+    evaluation epochs 0.63 against 0.49 s) and on CUDA (never measured)."""
     if name != "auto":
         return name == "on"
     return (device.type == "cpu" and (precision is None or cpu_has_amx_units()) and long_run
@@ -45,8 +45,9 @@ def resolve_compile(name: str, device: torch.device, precision: torch.dtype | No
 
 def resolve_channels_last(name: str) -> bool:
     """``auto`` keeps contiguous (NCHW) tensors: channels-last was slower on Zen 4 eager and compiled,
-    fp32 and bf16 (compiled fp32 13.5 against 10.5 s per iteration). It may pay on AMX, whose bf16
-    convolutions ran 2.7x faster on it in the issue's measurement, but no whole run was measured there."""
+    fp32 and bf16 (compiled fp32 13.5 against 10.5 s per iteration; eager, PyTorch's GroupNorm kernels
+    for it take 10x longer). It may pay compiled on AMX, whose bf16 convolutions ran 2.7x faster on it
+    in the issue's measurement, but no whole run was measured there."""
     return name == "channels_last"
 
 

@@ -85,7 +85,7 @@ class _HalveByAveraging(torch.autograd.Function):
     its backward scatters into a zeroed gradient): on a 2-core AMD Zen 4 its
     forward took 34 ms and its backward 53 ms on a [256, 128, 32, 32] bf16
     activation, against 9 ms and 27 ms here. Adding row pairs, then column
-    pairs, and spreading the gradient with one broadcast copy are whole-tensor
+    pairs, and spreading the gradient with broadcast copies are whole-tensor
     passes the vectorised kernels run at memory speed. The values are the
     same averages, summed in another order.
     """
@@ -103,9 +103,12 @@ class _HalveByAveraging(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        """Each gradient value, quartered, to its 2x2 window: doubled along its row, then each row doubled.
+        Two copies, the second with whole rows innermost, beat one copy into [.., h, 2, w, 2]
+        (a pool-training step 0.31 against 0.33 s in bf16, 0.45 against 0.46 s in fp32, Zen 4)."""
         *lead, height, width = grad.shape
-        spread = (grad * 0.25)[..., :, None, :, None].expand(*lead, height, 2, width, 2)
-        return spread.reshape(*lead, 2 * height, 2 * width)
+        rows = (grad * 0.25).unsqueeze(-1).expand(*lead, height, width, 2).reshape(*lead, height, 2 * width)
+        return rows.unsqueeze(-2).expand(*lead, height, 2, 2 * width).reshape(*lead, 2 * height, 2 * width)
 
     generate_vmap_rule = True
 
