@@ -110,8 +110,8 @@ def test_compiled_evaluation_trains_like_eager(image_folder: Path) -> None:
     dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
     images, labels = dataset.train.fetch(torch.arange(12)), dataset.train.labels[:12]
     trained, initial = [], {}
-    for compiled in (False, True):
-        protocol = EvalProtocol(epochs=0, batch_train=8, fast=FastPaths(precision=None, compiled=compiled))
+    for with_compile in (False, True):
+        protocol = EvalProtocol(epochs=0, batch_train=8, fast=FastPaths(precision=None, compiled=with_compile))
         member = EvalNet.fresh("ConvNet", dataset, protocol, 0, ("same",), CPU)
         initial = parameters_of(member.net)
         train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
