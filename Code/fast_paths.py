@@ -34,9 +34,10 @@ def resolve_eval_batched(name: str, device: torch.device) -> bool:
 
 def resolve_compile(name: str, device: torch.device, precision: torch.dtype | None, long_run: bool) -> bool:
     """``auto``: on for long CPU runs with a C++ compiler, in fp32 (AMD Zen 4: 10.2 against 11.1 s per
-    iteration; with AVX2 kernels only, 11.4 against 11.9) or in bf16 on AMX units (the issue's bench
-    there: 9.7 against 14.6 s); off for bf16 on AVX-512-BF16 without AMX (Zen 4: 8.0 against 7.4 s,
-    evaluation epochs 0.63 against 0.49 s) and on CUDA (never measured)."""
+    iteration; with AVX2 kernels only, 11.4 against 11.9; a Zen 3, AVX2 only: 17.8-18.8 against
+    20.1-21.4) or in bf16 on AMX units (the issue's bench there: 9.7 against 14.6 s); off for bf16
+    on AVX-512-BF16 without AMX (Zen 4: 8.0 against 7.4 s, evaluation epochs 0.63 against 0.49 s)
+    and on CUDA (never measured)."""
     if name != "auto":
         return name == "on"
     return (device.type == "cpu" and (precision is None or cpu_has_amx_units()) and long_run
