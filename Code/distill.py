@@ -77,7 +77,6 @@ class Experiment:
         self.synset = SyntheticSet(initial_images(config, dataset, index, self.classes, device), self.classes,
                                    config.ipc, config.aug, config.optim, config.lr_img)
         self.fast = resolve_fast_paths(config, device)
-        self.precision = self.fast.precision
         self.pool = NetPool(config, dataset, (index,), device, self.fast, world)
         self.dsa_param = ParamDiffAug(aug_mode=config.dsa_mode)
         protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
@@ -197,7 +196,7 @@ class Experiment:
         if not reals:  # more processes than classes: this one only follows the momentum
             self.step_images(-1, None)
             return
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.fast.precision):
             with torch.no_grad():
                 real_features = embed_per_class(net, reals, self.config.embed_last)
             syn_features = embed_per_class(net, syns, self.config.embed_last)
@@ -220,10 +219,10 @@ class Experiment:
             sampler, dsa = self.streams(*key, c)
             syn, labels = self.synset.class_batch(c)
             real, syn = dsa.siamese(sampler.class_batch(c, config.batch_real), syn)
-            with self.timer("real_forward"), autocast(self.device, self.precision), torch.no_grad():
+            with self.timer("real_forward"), autocast(self.device, self.fast.precision), torch.no_grad():
                 real_features = self.real_features(net, real, c)
             with self.timer("synthetic"):
-                with autocast(self.device, self.precision):
+                with autocast(self.device, self.fast.precision):
                     syn_features = net.embed(syn, config.embed_last)
                     logits = net.classifier(syn_features) if net.embed_is_full(config.embed_last) else net(syn)
                 match = self.method.loss(real_features, syn_features)
@@ -278,7 +277,7 @@ class Experiment:
                                                    iteration, final)
         self.log.exclude(seconds)
         if self.config.test_pool_nets:
-            self.points.test_pool_nets([entry.net for entry in self.pool.nets], iteration, self.precision)
+            self.points.test_pool_nets([entry.net for entry in self.pool.nets], iteration, self.fast.precision)
         return accuracies
 
 

@@ -34,7 +34,8 @@ def load_dataset(config: Config, device: torch.device) -> Dataset:
     return get_dataset(config.dataset, config.data_path, options).to(device)
 
 
-def announce(config: Config, fast: FastPaths, dataset: Dataset, device: torch.device, run_dir: RunDirectory, world: World) -> None:
+def announce(config: Config, fast: FastPaths, dataset: Dataset, device: torch.device, run_dir: RunDirectory,
+             world: World) -> None:
     processes = f", {world.size} processes ({torch.get_num_threads()} CPU threads each)" if world.distributed else ""
     print(f"{config.method.upper()} on {dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} "
           f"training / {len(dataset.test)} test images, IPC {config.ipc}, device {device}{processes}", flush=True)

@@ -280,7 +280,7 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
                          if args.stacked_nets else None)
     seconds = statistics.median(totals)
     tflops = flops_per_iteration(experiment) / 1e12
-    peak = peak_tflops(device, experiment.precision)
+    peak = peak_tflops(device, experiment.fast.precision)
     return {
         "dataset": args.dataset, "ipc": args.ipc, "config": f"published defaults for {args.dataset} IPC {args.ipc}",
         "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
@@ -301,7 +301,7 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
         "avx512": "avx512f" in cpu_flags() if device.type == "cpu" else None,
         "bf16_units": cpu_has_bf16_units() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
         "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "precision": "bf16" if experiment.precision is not None else "fp32",
+        "precision": "bf16" if experiment.fast.precision is not None else "fp32",
     }
 
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -41,20 +41,23 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
 UPDATE_TOLERANCE = 2e-2
 
 
+def _per_layer(reference: Mapping[str, torch.Tensor], term: Callable[[str], torch.Tensor]) -> dict[str, float]:
+    """Per layer, the sum of ``term(name)`` over its parameters. A layer's parameters
+    count together: the bias of a convolution in front of instance norm has no gradient in exact
+    arithmetic, so on its own its update is weight decay plus rounding noise."""
+    sums: dict[str, float] = {}
+    for name in reference:
+        layer = name.rsplit(".", 1)[0]
+        sums[layer] = sums.get(layer, 0.0) + term(name).sum().item()
+    return sums
+
+
 def update_distances(trained: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
                      initial: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Per layer, ||trained - reference|| / ||reference - initial||: how far two trainings from one
-    initialisation ended apart, relative to how far the reference moved.
-
-    A layer's parameters count together: the bias of a convolution in front of instance norm has no
-    gradient in exact arithmetic, so on its own its update is weight decay plus rounding noise.
-    """
-    apart: dict[str, float] = {}
-    moved: dict[str, float] = {}
-    for name, weights in reference.items():
-        layer = name.rsplit(".", 1)[0]
-        apart[layer] = apart.get(layer, 0.0) + (trained[name] - weights).double().square().sum().item()
-        moved[layer] = moved.get(layer, 0.0) + (weights - initial[name]).double().square().sum().item()
+    initialisation ended apart, relative to how far the reference moved."""
+    apart = _per_layer(reference, lambda name: (trained[name] - reference[name]).double().square())
+    moved = _per_layer(reference, lambda name: (reference[name] - initial[name]).double().square())
     return {layer: (apart[layer] / moved[layer]) ** 0.5 for layer in apart}
 
 
@@ -63,13 +66,9 @@ def update_scales(trained: Mapping[str, torch.Tensor], reference: Mapping[str, t
     """Per layer, the projection of the trained update on the reference one, in units of the reference
     update: 1 when they agree in size along it. Rounding noise points every which way and barely
     moves it, while a learning rate 10 % off makes it 1.1 on every layer."""
-    along: dict[str, float] = {}
-    moved: dict[str, float] = {}
-    for name, weights in reference.items():
-        layer = name.rsplit(".", 1)[0]
-        step = (weights - initial[name]).double()
-        along[layer] = along.get(layer, 0.0) + ((trained[name] - initial[name]).double() * step).sum().item()
-        moved[layer] = moved.get(layer, 0.0) + step.square().sum().item()
+    along = _per_layer(reference, lambda name: (trained[name] - initial[name]).double()
+                       * (reference[name] - initial[name]).double())
+    moved = _per_layer(reference, lambda name: (reference[name] - initial[name]).double().square())
     return {layer: along[layer] / moved[layer] for layer in along}
 
 
