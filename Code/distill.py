@@ -35,6 +35,7 @@ from distributed import SINGLE, World
 from errors import Interrupted
 from evaluation import EvalProtocol
 from evaluation_points import BestOnTest, EvaluationPoints
+from fast_paths import FastPaths
 from methods import Method
 from monitor import FiniteWatch, LossLog
 from networks import Network
@@ -70,13 +71,15 @@ class Experiment:
     """One distillation from initialisation to the final evaluation, on this process's classes."""
 
     def __init__(self, config: Config, method: Method, dataset: Dataset, run_dir: RunDirectory,
-                 index: int, device: torch.device, best: BestOnTest, world: World = SINGLE) -> None:
+                 index: int, device: torch.device, best: BestOnTest, world: World = SINGLE,
+                 fast: FastPaths | None = None) -> None:
+        """``fast``: the run's speed settings, when its caller has resolved them already."""
         self.config, self.method, self.dataset, self.run_dir = config, method, dataset, run_dir
         self.index, self.device, self.world = index, device, world
         self.classes = world.block(dataset.num_classes)
         self.synset = SyntheticSet(initial_images(config, dataset, index, self.classes, device), self.classes,
                                    config.ipc, config.aug, config.optim, config.lr_img)
-        self.fast = resolve_fast_paths(config, device)
+        self.fast = fast if fast is not None else resolve_fast_paths(config, device)
         self.pool = NetPool(config, dataset, (index,), device, self.fast, world)
         self.dsa_param = ParamDiffAug(aug_mode=config.dsa_mode)
         protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,

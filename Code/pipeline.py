@@ -152,7 +152,8 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
                   "(to rounding if the threads per process changed)", flush=True)
     checkpoints = Checkpoints(run_dir, config, progress, world)
     while progress.experiment < config.num_exp:
-        experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best, world)
+        experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best, world,
+                                fast)
         saved = resume.payload["experiment_state"] if resume is not None else None
         if saved is not None and saved["index"] == progress.experiment:
             experiment.load_state_dict(saved)
