@@ -55,7 +55,7 @@ from config import Config, resolve_device  # noqa: E402
 from distill import Experiment  # noqa: E402
 from distributed import SINGLE, join, launched_by_torchrun, process_device  # noqa: E402
 from errors import exit_code_of  # noqa: E402
-from evaluation import EvalNet, EvalProtocol, evaluate_set, train_on_set, train_together  # noqa: E402
+from evaluation import EvalNet, EvalProtocol, test_accuracy, train_on_set, train_together  # noqa: E402
 from evaluation_points import BestOnTest  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
@@ -189,13 +189,13 @@ def time_iterations(experiment: Experiment, iterations: int,
 def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bool, device: torch.device) -> float:
     """Seconds per epoch of ``nets`` fresh ConvNets trained on the decoded synthetic set
     (reference protocol: DSA per image, SGD), together (vmap) or one after another."""
-    images, labels = experiment.synset.training_set(SINGLE, experiment.dataset.num_classes)
+    images, labels = experiment.synset.training_set(experiment.world, experiment.dataset.num_classes)
     protocol = experiment.points.protocol
     protocol = replace(protocol, fast=replace(protocol.fast, eval_stacked=stacked))
 
     def train(protocol: EvalProtocol, key: str) -> None:
         members = [EvalNet.fresh("ConvNet", experiment.dataset, protocol, 0, (key, k), device) for k in range(nets)]
-        if stacked:
+        if stacked and members:
             train_together(members, images, labels, protocol)
         else:
             for member in members:
@@ -305,23 +305,27 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
     }
 
 
-def time_evaluation_point(experiment: Experiment, epochs: int, device: torch.device) -> float:
-    """Seconds per epoch of an evaluation point: the ``num_eval`` ConvNets of the distilled model,
-    dealt out to the processes (after one warm-up epoch)."""
-    config, world = experiment.config, experiment.world
-    images, labels = experiment.synset.training_set(world, experiment.dataset.num_classes)
-    protocol = experiment.points.protocol
-
-    def evaluate(epochs: int, key: str) -> None:
-        evaluate_set(images, labels, [config.model], config.num_eval, experiment.dataset,
-                     replace(protocol, epochs=epochs - 1), 0, (key,), world=world)
-
-    evaluate(1, "warm-up")
+def time_test_passes(experiment: Experiment, nets: int, device: torch.device) -> float:
+    """Seconds to test ``nets`` ConvNets on the test split, after one warm-up pass (what a network
+    has learned does not change what testing it costs)."""
+    protocol, test = experiment.points.protocol, experiment.dataset.test
+    net = EvalNet.fresh("ConvNet", experiment.dataset, protocol, 0, ("test-pass",), device).net
+    test_accuracy(net, test, precision=protocol.fast.precision)
     synchronize(device)
     start = time.perf_counter()
-    evaluate(epochs, "timed")
+    for _ in range(nets):
+        test_accuracy(net, test, precision=protocol.fast.precision)
     synchronize(device)
-    return (time.perf_counter() - start) / epochs
+    return time.perf_counter() - start
+
+
+def time_evaluation_point(experiment: Experiment, epochs: int, device: torch.device) -> tuple[float, float]:
+    """This process's share of an evaluation point, the ``num_eval`` ConvNets dealt to it: seconds per
+    training epoch and seconds of their test passes, apart, since a real point trains for hundreds
+    of epochs and tests once."""
+    nets = len(experiment.world.deals(experiment.config.num_eval))
+    per_epoch = time_eval_epochs(experiment, nets, epochs, experiment.fast.eval_stacked, device)
+    return per_epoch, time_test_passes(experiment, nets, device)
 
 
 def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -340,9 +344,10 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
                                 BestOnTest(), world)
         _, totals, phases = time_iterations(experiment, args.iterations, device)
         traffic = {name: round(size / (args.iterations + 1)) for name, size in world.traffic.items()}
-        eval_epoch = time_evaluation_point(experiment, args.eval_epochs, device)
+        eval_epoch, eval_test = time_evaluation_point(experiment, args.eval_epochs, device)
     mine = {"iteration": statistics.median(totals), "pool_training": phases["pool_training"],
-            "image_updates": statistics.median(totals) - phases["pool_training"], "evaluation_epoch": eval_epoch}
+            "image_updates": statistics.median(totals) - phases["pool_training"], "evaluation_epoch": eval_epoch,
+            "evaluation_test": eval_test}
     everyone = world.gather_objects(mine)
     if not world.is_main:
         return None

@@ -84,4 +84,5 @@ def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(i
     assert (one["processes"], two["processes"], two["threads_per_process"]) == (1, 2, 1)
     assert two["work_per_process"] == {"classes": [2, 1], "pool_nets_trained": [1, 1], "eval_nets": [3, 2]}
     assert one["collective_bytes_per_iteration"] == {} and two["collective_bytes_per_iteration"]["broadcast"] > 0
-    assert set(two["speedup_vs_one_process"]) == {"iteration", "pool_training", "image_updates", "evaluation_epoch"}
+    assert set(two["speedup_vs_one_process"]) == {"iteration", "pool_training", "image_updates", "evaluation_epoch",
+                                                  "evaluation_test"}
