@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +257,10 @@ class DSA:
             x = op.apply(x, params)
         return x
 
+    def siamese_draw(self, height: int, width: int) -> Draw:
+        """One parameter set for every image of a Siamese pair of batches (none without DSA)."""
+        return self.draw(1, height, width) if self.enabled else []
+
     def siamese(self, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
             return batches
@@ -269,17 +273,49 @@ class DSA:
         return self.apply(x, self.draw(x.shape[0], *x.shape[2:]))
 
 
-def decode_mosaic(images: torch.Tensor) -> torch.Tensor:
+def decode_mosaic(images: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Multi-formation decoding: each image's 4 quadrants, upsampled x2 (bilinear).
 
     Output order follows the reference: all top-left quadrants, then
-    bottom-left, top-right, bottom-right, so n images give 4n.
+    bottom-left, top-right, bottom-right, so n images give 4n. With ``groups``
+    > 1 the images are that many equal consecutive groups (classes), each
+    decoded in that order and kept together: group k's 4n images come k-th.
     """
+    stored = images.view(groups, -1, *images.shape[1:])
     h, w = images.shape[2] // 2, images.shape[3] // 2
-    quadrants = torch.cat(
-        [images[:, :, :h, :w], images[:, :, h:, :w], images[:, :, :h, w:], images[:, :, h:, w:]]
-    )
-    return F.interpolate(quadrants, scale_factor=2, mode="bilinear", align_corners=False)
+    quadrants = torch.stack([stored[..., :h, :w], stored[..., h:, :w], stored[..., :h, w:], stored[..., h:, w:]],
+                            dim=1)
+    return F.interpolate(quadrants.flatten(0, 2), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def siamese_by_class(draws: Sequence[Draw], reals: Sequence[torch.Tensor],
+                     syns: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Class k's real and synthetic images under class k's own Siamese draw, for every k.
+
+    Classes that drew the same ops are transformed in one batch, each image with
+    its class's parameters (an op applies per-image parameters as it applies a
+    broadcast one), so the result is each class's ``DSA.siamese`` of its own
+    pair: a few batched ops per op group instead of per class.
+    """
+    groups: dict[tuple[AugmentOp, ...], list[int]] = {}
+    for k, draw in enumerate(draws):
+        groups.setdefault(tuple(op for op, _ in draw), []).append(k)
+    real_out, syn_out = list(reals), list(syns)
+    for ops, members in groups.items():
+        if not ops:
+            continue
+        owners = [*members, *members]
+        pieces = [*(reals[k] for k in members), *(syns[k] for k in members)]
+        batch = torch.cat(pieces)
+        for position, op in enumerate(ops):
+            names = draws[members[0]][position][1]
+            params = {name: torch.cat([draws[k][position][1][name].expand(len(piece), *names[name].shape[1:])
+                                       for k, piece in zip(owners, pieces)]) for name in names}
+            batch = op.apply(batch, params)
+        augmented = batch.split([len(piece) for piece in pieces])
+        for k, real, syn in zip(members, augmented[:len(members)], augmented[len(members):]):
+            real_out[k], syn_out[k] = real, syn
+    return real_out, syn_out
 
 
 def decode_labels(labels: torch.Tensor) -> torch.Tensor:

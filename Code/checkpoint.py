@@ -31,7 +31,7 @@ from evaluation_points import BestOnTest
 from outputs import RunDirectory
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
-FORMAT = 2
+FORMAT = 3
 AUTO_INTERVAL_S = 600.0  # --checkpoint_every 0: at most ~10 minutes of work are lost
 REQUIRED_KEYS = {"format", "config", "experiment", "outcomes", "best", "experiment_state", "metrics_bytes",
                  "world_size"}

@@ -33,6 +33,7 @@ from precision import PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs" / "published.yaml"
+CLASS_STEPS = ("batched", "sequential")
 
 RUN, SYNSET, MATCHING, POOL, EVAL, DATA, SPEED, COMPAT = (
     "run", "synthetic set", "matching", "network pool", "evaluation", "data", "speed",
@@ -115,6 +116,12 @@ class Config:
                           "compiling on a CPU); auto = on for CPU runs of >= "
                           f"{COMPILE_MIN_ITERATIONS} iterations with a C++ compiler, in fp32 or on AMX units; off "
                           "for bf16 without AMX (slower on AMD Zen 4) and on CUDA (unmeasured)", SPEED, SWITCHES)
+    class_steps: str = option("batched", "image steps of many classes in one pass, each class at its own turn "
+                              "of the one optimiser (batched), or one class per pass with the whole set stepped "
+                              "at every turn as the reference does (sequential: one process only)", SPEED,
+                              CLASS_STEPS)
+    class_chunk: int = option(0, "classes per batched pass; 0 = as many as 2 GiB of activations hold, at most "
+                              "ceil(classes / 8)", SPEED)
     memory_format: str = option("auto", "layout of the network weights and activations; auto = contiguous "
                                 "(channels_last was slower on AMD Zen 4; try it on AMX)", SPEED, MEMORY_FORMATS)
 
@@ -177,7 +184,7 @@ BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
                 "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile", "memory_format",
-                "dist_backend", "check_replicas"}
+                "class_steps", "class_chunk", "dist_backend", "check_replicas"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets",
                      "dist_backend", "check_replicas"}
 
@@ -274,7 +281,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 
 POSITIVE = ("ipc", "num_exp", "num_eval", "eval_interval", "log_every", "batch_train", "trained_bs",
             "net_num", "net_generate_interval", "net_push_num", "train_net_num", "outer_loop")
-NON_NEGATIVE = ("Iteration", "epoch_eval_train", "fetch_net_num", "model_train_steps", "net_begin", "checkpoint_every")
+NON_NEGATIVE = ("Iteration", "epoch_eval_train", "fetch_net_num", "model_train_steps", "net_begin", "checkpoint_every",
+                "class_chunk")
 
 
 def validate(config: Config) -> None:
@@ -300,7 +308,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
     parse_strategy(config.dsa_strategy)
     method = get_method(config.method)
-    if config.syn_ce and not method.network_pool:
+    if config.syn_ce and not method.step.trains_networks:
         raise ConfigError(f"--syn_ce weights by a trained network's accuracy, and {config.method} trains none; "
                           "drop --syn_ce")
     if config.dataset not in dataset_names():

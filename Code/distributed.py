@@ -5,12 +5,16 @@
 group; a plain ``python BACON_*.py`` is the world of size 1, where every
 collective is the identity. What is divided, and why it changes no result:
 
-- Image steps: classes are partitioned into contiguous blocks. The one image
-  optimiser is elementwise and a class's loss reaches only that class's
-  images, so a process holding its block replays every per-class step
-  exactly: its own classes with their gradient, the others' turns with a zero
-  gradient (momentum only). Real batches and DSA draws come from streams keyed
-  by (iteration, pick, class), so no process draws another's samples.
+- Image steps: classes come in chunks that are always computed whole (one
+  batched pass each, see ``image_steps.py``), and every process holds a
+  contiguous run of whole chunks (``ClassLayout``). The chunks depend on the
+  classes, the shapes and the memory budget, never on the number of
+  processes, so each chunk's pass is the same computation wherever it runs.
+  The image optimiser is elementwise and a class's loss reaches only that
+  class's images, so a process steps its own classes at their turns and
+  nothing else (the other classes' momentum-only moves happen in their own
+  processes, in closed form). Real batches and DSA draws come from streams
+  keyed by (iteration, pick, class), so no process draws another's samples.
 - Pool training: the ``fetch_net_num`` nets trained in an iteration are dealt
   out whole, round-robin, and each trained net (weights, momentum, meter) is
   broadcast from the process that trained it. Splitting every batch over the
@@ -84,12 +88,11 @@ class World:
         if self.is_main:
             print(message, flush=True)
 
-    def gather_blocks(self, block: torch.Tensor, count: int, rows_per_item: int = 1) -> torch.Tensor:
-        """Every process's rows for its ``block(count)`` items (``rows_per_item`` rows each),
-        concatenated in rank order: the whole tensor."""
+    def gather_blocks(self, block: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Every process's ``block`` of rows (``sizes[rank]`` rows on each), concatenated in rank
+        order: the whole tensor."""
         if not self.distributed:
             return block
-        sizes = [len(self.block(count, rank)) * rows_per_item for rank in range(self.size)]
         padded = block.new_zeros((max(sizes), *block.shape[1:]))
         padded[:len(block)] = block
         pieces = [torch.empty_like(padded) for _ in range(self.size)]
@@ -146,6 +149,46 @@ class World:
 
 
 SINGLE = World()
+
+
+@dataclass(frozen=True)
+class ClassLayout:
+    """Classes in ``chunks`` (consecutive ranges covering every class once) and which process holds
+    which: each a contiguous run of whole chunks, ``World.block`` of the chunk list."""
+
+    chunks: tuple[range, ...]
+    world: World = SINGLE
+
+    def classes(self, rank: int | None = None) -> range:
+        """The classes of ``rank`` (this process by default); empty when it holds no chunk."""
+        share = self.world.block(len(self.chunks), rank)
+        if not share:
+            start = self.chunks[share.start].start if share.start < len(self.chunks) else self.chunks[-1].stop
+            return range(start, start)
+        return range(self.chunks[share.start].start, self.chunks[share.stop - 1].stop)
+
+    @property
+    def mine(self) -> range:
+        return self.classes()
+
+    @property
+    def my_chunks(self) -> tuple[range, ...]:
+        return tuple(self.chunks[i] for i in self.world.block(len(self.chunks)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.chunks[-1].stop
+
+    def gather(self, block: torch.Tensor, rows_per_class: int) -> torch.Tensor:
+        """The whole tensor of every class from each process's ``block`` (``rows_per_class`` rows per
+        class of its own), in class order (a collective call)."""
+        sizes = [len(self.classes(rank)) * rows_per_class for rank in range(self.world.size)]
+        return self.world.gather_blocks(block, sizes)
+
+
+def even_chunks(count: int, size: int) -> tuple[range, ...]:
+    """``range(count)`` in ceil(count / size) consecutive chunks whose lengths differ by at most one."""
+    return tuple(World(rank, -(-count // size)).block(count) for rank in range(-(-count // size)))
 
 
 def launched_by_torchrun() -> bool:

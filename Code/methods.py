@@ -1,39 +1,38 @@
-"""The registry of distillation methods: which loss, which loop, which defaults.
+"""The registry of distillation methods: which loss, which image step, which defaults.
 
-BACON and IDM share the network-pool loop (trained nets, one image step per
+BACON and IDM share the network-pool step (trained nets, one image step per
 class) and differ only in the matching loss; DM matches under a fresh random
 network each iteration with one image step for all classes. Adding a method
-that matches features another way is one loss function in ``losses.py`` plus
-one entry here.
+that matches features another way is one ``MatchingLoss`` in ``losses.py``
+plus one entry here; its terms reach the log and the NaN watch by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from errors import ConfigError
-from losses import MatchLoss, bacon_loss, mean_feature_distance
+from image_steps import FreshNetworkMatching, ImageStep, PoolMatching
+from losses import BACON_LOSS, MEAN_DISTANCE_LOSS, MatchingLoss
 
 
 @dataclass(frozen=True)
 class Method:
-    """A matching loss plus the settings that make the method what it is."""
+    """A matching loss, how its images step, and the settings that make the method what it is."""
 
     name: str
-    loss: Callable[[torch.Tensor, torch.Tensor], MatchLoss]
+    loss: MatchingLoss
     description: str
-    network_pool: bool = True
+    step: type[ImageStep] = PoolMatching
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: dict[str, Method] = {
-    "bacon": Method("bacon", bacon_loss, "Bayesian likelihood + TV prior + clip term (Zhou et al. 2024)"),
-    "idm": Method("idm", mean_feature_distance, "squared mean-feature distance (Zhao et al. CVPR 2023)"),
-    "dm": Method("dm", mean_feature_distance, "squared mean-feature distance under fresh random networks "
-                 "(Zhao & Bilen WACV 2023)", network_pool=False,
+    "bacon": Method("bacon", BACON_LOSS, "Bayesian likelihood + TV prior + clip term (Zhou et al. 2024)"),
+    "idm": Method("idm", MEAN_DISTANCE_LOSS, "squared mean-feature distance (Zhao et al. CVPR 2023)"),
+    "dm": Method("dm", MEAN_DISTANCE_LOSS, "squared mean-feature distance under fresh random networks "
+                 "(Zhao & Bilen WACV 2023)", step=FreshNetworkMatching,
                  defaults={"lr_img": 1.0, "batch_real": 256, "syn_ce": False}),
 }
 

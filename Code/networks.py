@@ -336,6 +336,22 @@ def has_batch_norm(model: str) -> bool:
 
 
 @torch.no_grad()
+def activation_sizes(model: str, channel: int, im_size: Size) -> tuple[int, int]:
+    """Elements one image makes in a forward of ``model``'s feature extractor: the sum over every
+    layer's output (what a backward keeps) and the largest one (what a forward without gradient
+    holds at a time, next to its input). Built and run on the meta device: no memory, no draws."""
+    with torch.device("meta"):
+        net = _choose(NETWORKS, model, "model")(channel, 2, im_size=tuple(im_size))
+        sizes: list[int] = []
+        leaves = [m for m in net.features.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel())) for m in leaves]
+        net.features(torch.empty(1, channel, *im_size))
+    for handle in handles:
+        handle.remove()
+    return sum(sizes), max(sizes)
+
+
+@torch.no_grad()
 def init_parameters_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """Re-draw PyTorch's default initialisation from ``generator`` instead of the global RNG.
 

@@ -25,7 +25,6 @@ from evaluation import summarize
 from evaluation_points import BestOnTest
 from fast_paths import FastPaths
 from methods import get_method
-from networks import has_batch_norm
 from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
 
 
@@ -134,9 +133,10 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     started = time.perf_counter()
     world, device = join_processes(config)
     method = get_method(config.method)
-    if world.distributed and not method.network_pool and has_batch_norm(config.model):
-        raise ConfigError(f"{config.method} with {config.model} matches all classes in one batch (BatchNorm "
-                          "statistics span them), which cannot be divided by class; run it in one process")
+    if world.distributed and config.class_steps == "sequential":
+        raise ConfigError("--class_steps sequential steps one optimiser over the whole set at every class's turn, "
+                          "as the reference does, in one process; run it without torchrun or use --class_steps "
+                          "batched")
     ensure_writable(Path(config.save_path))
     with world.main_first():
         dataset = load_dataset(config, device)

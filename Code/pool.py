@@ -13,12 +13,11 @@ iteration are dealt out and broadcast back (distributed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from config import Config
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
 from fast_paths import FastPaths
@@ -27,7 +26,11 @@ from networks import Network, get_network
 from precision import autocast
 from rng import make_generator
 
+if TYPE_CHECKING:
+    from config import Config
+
 INITIAL_POOL_SIZE = 3
+
 
 class RealSampler:
     """Random real batches, drawn on the data's device without per-sample loops."""

@@ -1,25 +1,27 @@
-"""The synthetic set: the learnable images of this process's classes and their one optimiser.
+"""The synthetic set: the learnable images of this process's classes and their optimiser.
 
-The reference steps ONE image optimiser (SGD, momentum 0.5) over the whole
-set once per class, so at every class's step all other images move by their
-momentum. The optimiser is elementwise and a class's loss reaches only its own
-images, so a process that holds a contiguous block of classes reproduces that
-exactly by stepping its block at every class's turn: with the gradient on its
-own turns, with a zero gradient (momentum only) at the others'.
+Stored images are 2x2 mosaics with ``--aug`` (decoded to four training images
+each). The set holds the classes of this process's chunks (``ClassLayout``);
+its optimiser (image_optimizer.py) steps a class's rows at that class's turn,
+so a process needs no other class's images. Reading the whole set gathers
+every process's caught-up rows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from augment import decode_labels, decode_mosaic, encode_mosaic
-from config import Config
-from data import Dataset
-from distributed import World
+from distributed import ClassLayout
+from image_optimizer import PER_CLASS_STATE, ImageOptimizer, make_image_optimizer
 from pool import RealSampler
 from rng import make_generator
+
+if TYPE_CHECKING:
+    from config import Config
+    from data import Dataset
 
 
 def set_labels(classes: range, ipc: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -33,64 +35,61 @@ def decoded_set(stored: torch.Tensor, labels: torch.Tensor, aug: bool) -> tuple[
 
 
 class SyntheticSet:
-    """The images of classes ``classes`` (2x2 mosaics when ``aug``), their labels and their optimiser."""
+    """The images of this process's classes (2x2 mosaics when ``aug``) and their optimiser."""
 
-    def __init__(self, images: torch.Tensor, classes: range, ipc: int, aug: bool, optimizer: str,
-                 lr: float) -> None:
-        self.images = images.detach().clone().requires_grad_(True)
-        self.classes, self.ipc, self.aug = classes, ipc, aug
-        self.labels = set_labels(classes, ipc, images.device)
-        if optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.images], lr=lr)
-        else:
-            self.optimizer = torch.optim.SGD([self.images], lr=lr, momentum=0.5)
+    def __init__(self, images: torch.Tensor, layout: ClassLayout, ipc: int, aug: bool,
+                 optimizer: ImageOptimizer) -> None:
+        self.layout, self.ipc, self.aug = layout, ipc, aug
+        self.optimizer = optimizer
 
-    def class_batch(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training images of class c (decoded to 4 ipc when aug), with gradient."""
-        first = (c - self.classes.start) * self.ipc
-        return decoded_set(self.images[first:first + self.ipc], self.labels[first:first + self.ipc], self.aug)
+    @classmethod
+    def create(cls, images: torch.Tensor, layout: ClassLayout, config: Config, lazy: bool) -> SyntheticSet:
+        """The set of ``layout.mine`` starting from ``images``; ``lazy``: per-class optimiser rows."""
+        optimizer = make_image_optimizer(images, layout.mine, config.ipc, config.optim, config.lr_img, lazy)
+        return cls(images, layout, config.ipc, config.aug, optimizer)
 
-    def compute_gradient(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """The gradient of ``loss`` on this block; None is another process's class: a zero gradient,
-        so that the next optimiser step is the momentum-only step the single process takes."""
-        self.optimizer.zero_grad(set_to_none=False)
-        if loss is not None:
-            loss.backward()
-        elif self.images.grad is None:
-            self.images.grad = torch.zeros_like(self.images)
-        return self.images.grad
+    @property
+    def classes(self) -> range:
+        return self.layout.mine
 
-    def stored(self, world: World, num_classes: int) -> torch.Tensor:
-        """The whole stored set (every process's block), detached."""
-        return world.gather_blocks(self.images.detach(), num_classes, self.ipc)
+    @property
+    def images_per_class(self) -> int:
+        """Training images each class decodes to."""
+        return 4 * self.ipc if self.aug else self.ipc
 
-    def training_set(self, world: World, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_images(self, stored: torch.Tensor, classes: int) -> torch.Tensor:
+        """The training images of the stored rows of ``classes`` consecutive classes, class by class."""
+        return decode_mosaic(stored, classes) if self.aug else stored
+
+    def stored(self) -> torch.Tensor:
+        """The whole stored set (every process's classes, caught up to now), detached."""
+        return self.layout.gather(self.optimizer.current(), self.ipc)
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole decoded set, detached: what evaluation networks train on."""
-        labels = set_labels(range(num_classes), self.ipc, self.images.device)
-        return decoded_set(self.stored(world, num_classes), labels, self.aug)
+        stored = self.stored()
+        return decoded_set(stored, set_labels(range(self.layout.num_classes), self.ipc, stored.device), self.aug)
 
-    def state_dict(self, world: World, num_classes: int) -> dict[str, Any]:
-        """The whole set and optimiser state, gathered from every process (a collective call)."""
-        def whole(value: Any) -> Any:
-            is_block = isinstance(value, torch.Tensor) and value.shape == self.images.shape
-            return world.gather_blocks(value, num_classes, self.ipc) if is_block else value
-
-        state = self.optimizer.state_dict()  # its inner dicts are the optimiser's own: build new ones
-        state["state"] = {key: {name: whole(value) for name, value in slot.items()}
-                          for key, slot in state["state"].items()}
-        return {"images": self.stored(world, num_classes), "optimizer": state}
+    def state_dict(self) -> dict[str, Any]:
+        """The whole set and optimiser state, gathered from every process (a collective call): tensors
+        with one row per image or one entry per class, and the turn count."""
+        state = self.optimizer.state_dict()
+        if state["kind"] == "whole_set":  # one process holds everything
+            return state
+        return {name: self.layout.gather(value, 1 if name in PER_CLASS_STATE else self.ipc)
+                if isinstance(value, torch.Tensor) else value for name, value in state.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take this process's block of a whole saved set and optimiser state."""
-        rows = slice(self.classes.start * self.ipc, self.classes.stop * self.ipc)
-        optimizer = state["optimizer"]
-        for slot in optimizer["state"].values():
-            for name, value in slot.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    slot[name] = value[rows]
-        with torch.no_grad():
-            self.images.copy_(state["images"][rows])
-        self.optimizer.load_state_dict(optimizer)
+        """Take this process's classes of a whole saved set and optimiser state."""
+        if state["kind"] == "whole_set":
+            self.optimizer.load_state_dict(state)
+            return
+        classes = self.classes
+        per_image, per_class = slice(classes.start * self.ipc, classes.stop * self.ipc), slice(classes.start,
+                                                                                             classes.stop)
+        self.optimizer.load_state_dict({
+            name: value[per_class if name in PER_CLASS_STATE else per_image] if isinstance(value, torch.Tensor)
+            else value for name, value in state.items()})
 
 
 def initial_images(config: Config, dataset: Dataset, experiment: int, classes: range,
@@ -109,4 +108,6 @@ def initial_images(config: Config, dataset: Dataset, experiment: int, classes: r
             per_class.append(encode_mosaic(*(sampler.class_batch(c, config.ipc) for _ in range(4))))
         else:
             per_class.append(sampler.class_batch(c, config.ipc))
+    if not per_class:  # a process holding no class
+        return torch.empty((0, dataset.channel, *dataset.im_size), device=device)
     return torch.cat(per_class)

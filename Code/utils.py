@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic
 from data import get_dataset as load_dataset
 from evaluation import EvalProtocol, train_on_set
-from losses import clip_distance, gaussian_nll
+from losses import FeatureMoments, clip_distance, gaussian_nll
 from losses import total_variation as _total_variation
 from networks import get_eval_pool, get_network
 from rng import make_generator
@@ -133,7 +133,7 @@ def parser_bool(parser: argparse.ArgumentParser, name: str, default: bool = Fals
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """0.5 * L1 distance of the batch means (symmetric in its arguments)."""
-    return _total_variation(q, p)
+    return _total_variation(FeatureMoments.of(q, [len(q)]), p.float().mean(dim=0, keepdim=True))[0]
 
 
 def clip_function(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -143,4 +143,4 @@ def clip_function(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def negative_log_likelihood(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """-sum log N(mean(x); mean(y), exp(std(y))), computed in log space: x = syn, y = real features."""
-    return gaussian_nll(y, x)
+    return gaussian_nll(FeatureMoments.of(y, [len(y)]), x.float().mean(dim=0, keepdim=True))[0]

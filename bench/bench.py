@@ -2,7 +2,7 @@
 
 Runs the published configuration (``--dataset FashionMNIST --ipc 10`` is the
 MNIST IPC-10 line of Command.txt on Fashion-MNIST) on the real data through the
-project's own loop (Experiment.pool_iteration). Not a test: it measures, it
+project's own loop (the method's image step, Experiment.step). Not a test: it measures, it
 asserts nothing. It prints one JSON line for the path the flags choose (the
 default path when no speed flag is given, with the ``auto`` rules of the
 scripts), then one for the plain path (fp32, no compile, contiguous layout)
@@ -122,7 +122,7 @@ def forward_flops_per_image(experiment: Experiment) -> float:
 def flops_per_iteration(experiment: Experiment) -> float:
     config, dataset = experiment.config, experiment.dataset
     forward = forward_flops_per_image(experiment)
-    decoded_per_class = len(experiment.synset.training_set(SINGLE, dataset.num_classes)[1]) // dataset.num_classes
+    decoded_per_class = experiment.synset.images_per_class
     real = dataset.num_classes * min(config.batch_real, min(dataset.train.class_sizes())) * forward
     synthetic = dataset.num_classes * decoded_per_class * forward * 2
     pool_batch = min(config.trained_bs, len(dataset.train))
@@ -167,7 +167,7 @@ def time_iterations(experiment: Experiment, iterations: int,
                     device: torch.device) -> tuple[float, list[float], dict[str, float]]:
     """Time a warm-up iteration (first-call costs, compiling) and ``iterations`` more, with the
     loop's own phase timer attached; returns the warm-up, the timed totals and median phases."""
-    experiment.pool.push(3)
+    experiment.step.start()
     timer = PhaseTimer(device)
     totals, phases = [], defaultdict(list)
     for it in range(iterations + 1):
@@ -175,7 +175,7 @@ def time_iterations(experiment: Experiment, iterations: int,
         timer.seconds.clear()
         synchronize(device)
         start = time.perf_counter()
-        experiment.pool_iteration(it)
+        experiment.step.iteration(it)
         synchronize(device)
         total = time.perf_counter() - start
         totals.append(total)
@@ -189,7 +189,7 @@ def time_iterations(experiment: Experiment, iterations: int,
 def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bool, device: torch.device) -> float:
     """Seconds per epoch of ``nets`` fresh ConvNets trained on the decoded synthetic set
     (reference protocol: DSA per image, SGD), together (vmap) or one after another."""
-    images, labels = experiment.synset.training_set(experiment.world, experiment.dataset.num_classes)
+    images, labels = experiment.synset.training_set()
     protocol = experiment.points.protocol
     protocol = replace(protocol, fast=replace(protocol.fast, eval_stacked=stacked))
 
@@ -356,7 +356,7 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
         "threads_per_process": torch.get_num_threads(),
         "seconds": {phase: round(max(p[phase] for p in everyone), 3) for phase in mine},
         "work_per_process": {
-            "classes": [len(world.block(dataset.num_classes, rank)) for rank in range(world.size)],
+            "classes": [len(experiment.layout.classes(rank)) for rank in range(world.size)],
             "pool_nets_trained": [len(range(rank, config.fetch_net_num, world.size)) for rank in range(world.size)],
             "eval_nets": [len(range(rank, config.num_eval, world.size)) for rank in range(world.size)]},
         "collective_bytes_per_iteration": traffic, "device_name": cpu_name() if device.type == "cpu" else

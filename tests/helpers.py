@@ -3,7 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,14 +12,17 @@ from PIL import Image
 CODE_DIR = Path(__file__).resolve().parent.parent / "Code"
 
 
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 10, size: int = 16, seed: int = 0) -> Path:
-    """DIR/train/<class>/*.png: one colour per class plus noise, so classes are learnable."""
+def write_image_folder(root: Path, classes: int = 3, per_class: int | Sequence[int] = 10, size: int = 16,
+                       seed: int = 0) -> Path:
+    """DIR/train/<class>/*.png: one colour per class plus noise, so classes are learnable; ``per_class``
+    images in every class, or ``per_class[c]`` in class c."""
     rng = np.random.default_rng(seed)
+    sizes = [per_class] * classes if isinstance(per_class, int) else list(per_class)
     for c in range(classes):
         folder = root / "train" / f"class{c}"
         folder.mkdir(parents=True)
         colour = rng.integers(0, 256, size=3)
-        for i in range(per_class):
+        for i in range(sizes[c]):
             noise = rng.integers(-40, 41, size=(size, size, 3))
             pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.png")

@@ -8,13 +8,14 @@ import torch
 import yaml
 from PIL import Image
 
-import distill
 import evaluation
+import image_steps
 from config import Config
 from data import DataOptions, get_dataset
 from distill import Experiment
 from evaluation_points import BestOnTest
 from helpers import run_script
+from losses import FeatureMoments
 from methods import get_method
 from outputs import RunDirectory
 from pool import INITIAL_POOL_SIZE, AccuracyMeter, NetPool
@@ -107,36 +108,58 @@ def test_the_final_point_evaluates_the_whole_eval_pool(image_folder: Path, tmp_p
     assert set(results["final"]) == {"ConvNetAP", "ConvNetMP", "ConvNetNP"}
 
 
-@pytest.fixture
-def experiment(image_folder: Path, tmp_path: Path) -> Experiment:
-    config = tiny_config(image_folder, tmp_path, aug=False, ipc=1)
-    dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
-    run_dir = RunDirectory.create(tmp_path, "unit")
+def make_experiment(folder: Path, tmp_path: Path, name: str, **changes: object) -> Experiment:
+    config = tiny_config(folder, tmp_path, aug=False, ipc=1, **changes)
+    dataset = get_dataset("ImageFolder", folder, DataOptions(im_size=16))
+    run_dir = RunDirectory.create(tmp_path, name)
     return Experiment(config, get_method("bacon"), dataset, run_dir, 0, torch.device("cpu"), BestOnTest())
 
 
-def test_one_image_optimiser_momentum_moves_every_class_at_every_class_step(experiment: Experiment) -> None:
+@pytest.fixture
+def experiment(image_folder: Path, tmp_path: Path) -> Experiment:
+    return make_experiment(image_folder, tmp_path, "unit")
+
+
+def test_the_reference_path_moves_every_class_by_its_momentum_at_every_class_step(image_folder: Path,
+                                                                                 tmp_path: Path) -> None:
+    """--class_steps sequential: ONE optimiser over the whole set, stepped once per class."""
+    experiment = make_experiment(image_folder, tmp_path, "sequential", class_steps="sequential")
     experiment.pool.push(1)
-    snapshots = [experiment.synset.images.detach().clone()]
-    step = experiment.synset.optimizer.step
+    snapshots = [experiment.synset.stored().clone()]
+    torch_optimizer = experiment.synset.optimizer.optimizer
+    step = torch_optimizer.step
 
     def recording_step(*args: object, **kwargs: object) -> None:
         step(*args, **kwargs)
-        snapshots.append(experiment.synset.images.detach().clone())
+        snapshots.append(experiment.synset.stored().clone())
 
-    experiment.synset.optimizer.step = recording_step
-    experiment.update_images(experiment.pool.nets[0], (0, 0, 0))
+    torch_optimizer.step = recording_step
+    experiment.step.match_under(experiment.pool.nets[0], (0, 0, 0))
     assert len(snapshots) == 1 + 3  # one step per class
     moved_at_class_1 = (snapshots[2] - snapshots[1]).flatten(1).abs().sum(dim=1)
     assert moved_at_class_1[0] > 0  # class 0 has no gradient here, only momentum
     assert moved_at_class_1[2] == 0  # class 2 has had no gradient yet
 
 
+def test_the_batched_path_touches_only_the_rows_of_the_classes_it_steps(image_folder: Path, tmp_path: Path) -> None:
+    """Batched: class 0's momentum-only moves at the turns of classes 1 and 2 wait in closed form until
+    the set is read; its stored rows change only at its own steps."""
+    experiment = make_experiment(image_folder, tmp_path, "batched", class_chunk=1)
+    experiment.pool.push(1)
+    rows = experiment.synset.optimizer.images
+    experiment.step.match_under(experiment.pool.nets[0], (0, 0, 0))
+    after_one_pick = rows.clone()
+    read = experiment.synset.stored()
+    assert torch.equal(rows, after_one_pick)  # reading does not catch the state up
+    assert not torch.equal(read[0], rows[0])  # but what is read is caught up: class 0 moved at turns 1, 2
+    assert torch.equal(read[2], rows[2])  # class 2 stepped last: nothing pending
+
+
 def test_image_updates_leave_the_networks_unchanged(experiment: Experiment) -> None:
     experiment.pool.push(1)
     entry = experiment.pool.nets[0]
     before = [p.detach().clone() for p in entry.net.parameters()]
-    experiment.update_images(entry, (0, 0, 0))
+    experiment.step.match_under(entry, (0, 0, 0))
     assert all(torch.equal(a, b) for a, b in zip(before, entry.net.parameters()))
     assert all(p.requires_grad for p in entry.net.parameters())
 
@@ -178,20 +201,22 @@ def test_accuracy_meter_is_zero_when_empty_and_cumulative_in_percent() -> None:
 
 def test_ipc1_rules_keep_the_real_images_with_lowest_cross_entropy(experiment: Experiment,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kept features are those of the 3 lowest-CE images, computed on a batch of 6 instead of 3:
-    convolution kernels may sum in another order per batch size, so they agree to fp32 rounding of
-    instance-normalised features (unit scale): 1e-5 absolute."""
-    monkeypatch.setattr(distill, "IPC1_KEEP", 3)
-    experiment.ipc1_rules = True
+    """The kept moments are those of the 3 lowest-CE images of each class, the features computed on a
+    batch of 12 instead of 3: convolution kernels may sum in another order per batch size, so they
+    agree to fp32 rounding of instance-normalised features (unit scale): 1e-5 absolute."""
+    monkeypatch.setattr(image_steps, "IPC1_KEEP", 3)
     experiment.pool.push(1)
     net = experiment.pool.nets[0].net.eval()
-    real = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    real = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        kept = experiment.real_features(net, real, c=1)
-        ce = torch.nn.functional.cross_entropy(net(real), torch.ones(6, dtype=torch.long), reduction="none")
-        expected = net.embed(real[ce.argsort()[:3]], experiment.config.embed_last)
-    assert kept.shape[0] == 3
-    torch.testing.assert_close(kept.sort(dim=0).values, expected.sort(dim=0).values, rtol=1e-4, atol=1e-5)
+        kept = experiment.step.real_moments(net, real, range(1, 3), [6, 6], lowest_ce=True)
+        expected = []
+        for c, batch in zip((1, 2), real.split(6)):
+            ce = torch.nn.functional.cross_entropy(net(batch), torch.full((6,), c), reduction="none")
+            expected.append(net.embed(batch[ce.argsort()[:3]], experiment.config.embed_last))
+        expected_moments = FeatureMoments.of(torch.cat(expected), [3, 3])
+    torch.testing.assert_close(kept.mean, expected_moments.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kept.std, expected_moments.std, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluation_trains_epochs_plus_one_and_drops_the_lr_after_half(image_folder: Path,

@@ -27,11 +27,12 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_args(folder: Path, save_path: Path, name: str, *more: str) -> list[str]:
-    """5 classes (uneven over 2 processes), 12 iterations with evaluations at 6 and 12."""
+    """5 classes in batched chunks of 2, 2 and 1 (uneven over 2 processes: 4 and 1 classes), 12
+    iterations with evaluations at 6 and 12."""
     return ["--dataset", "ImageFolder", "--data_path", str(folder), "--im_size", "16", "--ipc", "2",
             "--Iteration", "12", "--eval_interval", "6", "--num_exp", "1", "--num_eval", "3",
             "--epoch_eval_train", "2", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "2",
-            "--batch_train", "8", "--log_every", "1", "--device", "cpu", "--precision", "fp32",
+            "--batch_train", "8", "--log_every", "1", "--device", "cpu", "--precision", "fp32", "--class_chunk", "2",
             "--save_path", str(save_path), "--run_name", name, *more]
 
 

@@ -85,8 +85,8 @@ def first_update(folder: Path, tmp_path: Path, name: str, **speed: Any) -> First
     experiment.pool.train_on_real((0, 0))
     logged: list[dict[str, torch.Tensor]] = []
     experiment.log.add = logged.append
-    experiment.update_images(net, (0, 0, 0))
-    return FirstUpdate(initial, parameters_of(net.net), {k: float(v.detach()) for k, v in logged[0].items()})
+    experiment.step.match_under(net, (0, 0, 0))
+    return FirstUpdate(initial, parameters_of(net.net), {k: float(v.detach()[0]) for k, v in logged[0].items()})
 
 
 # bf16 keeps 8 significant bits: each rounding is off by up to u = 2^-8 (0.4 %) of the value.

@@ -18,7 +18,7 @@ def config_for(folder: Path, save_path: Path, method: str, **changes: object) ->
     settings = dict(method=method, dataset="ImageFolder", data_path=str(folder), im_size=16, save_path=str(save_path),
                     ipc=2, Iteration=3, eval_interval=3, num_exp=1, num_eval=1, epoch_eval_train=0, batch_real=6,
                     trained_bs=8, model_train_steps=1, batch_train=8, device="cpu", run_name=method,
-                    syn_ce=METHODS[method].network_pool)
+                    syn_ce=METHODS[method].step.trains_networks)
     settings.update(changes)
     return Config(**settings)
 
@@ -76,7 +76,7 @@ def first_step_record(experiment: Experiment, monkeypatch: pytest.MonkeyPatch) -
     experiment.pool.train_on_real((0, 0))
     records: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(experiment.log, "add", lambda values: records.append(values))
-    experiment.update_images(experiment.pool.nets[0], (0, 0, 0))
+    experiment.step.match_under(experiment.pool.nets[0], (0, 0, 0))
     return records[0]
 
 
