@@ -98,13 +98,42 @@ class Checkpoints:
             self.save(experiment)
 
 
+def _synthetic_from_whole_set(images: torch.Tensor, optimizer: dict[str, Any], classes: int) -> dict[str, Any]:
+    """Format 2 kept the whole-set torch optimiser, stepped at every turn: every class current at the
+    last turn. As lazy per-class state: each class synced to turn 0 of a new clock (SGD), or, for Adam,
+    to its step count."""
+    slot = next(iter(optimizer["state"].values()), {})
+    if "exp_avg" in slot:
+        step = int(slot["step"])
+        return {"kind": "adam", "images": images, "exp_avg": slot["exp_avg"], "exp_avg_sq": slot["exp_avg_sq"],
+                "synced": torch.full((classes,), step, dtype=torch.long), "clock": step}
+    velocity = slot.get("momentum_buffer", torch.zeros_like(images))
+    return {"kind": "sgd", "images": images, "velocity": velocity,
+            "synced": torch.zeros(classes, dtype=torch.long), "clock": 0}
+
+
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 checkpoint (before batched class steps) in format 3: the run continues with the
+    default --class_steps batched, which computes the same to rounding."""
+    state = payload["experiment_state"]
+    if state is not None:
+        config = saved_settings(payload["config"])
+        classes = len(state["images"]) // config["ipc"]
+        synthetic = _synthetic_from_whole_set(state.pop("images"), state.pop("optimizer"), classes)
+        log = state["log"]
+        per_step = classes if config["method"] == "dm" else 1
+        state["synthetic"] = synthetic
+        state["log"] = {"sums": log["sums"], "classes": log["steps"] * per_step, "iterations": log["iterations"]}
+    return {**payload, "format": FORMAT}
+
+
 def _read(path: Path) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or not REQUIRED_KEYS <= set(payload) or payload["format"] != FORMAT:
+    if not isinstance(payload, dict) or not REQUIRED_KEYS <= set(payload) or payload["format"] not in (2, FORMAT):
         raise ValueError("not a checkpoint of this project's format")
-    return payload
+    return _upgrade(payload) if payload["format"] == 2 else payload
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:

@@ -1,4 +1,4 @@
-"""The distillation loop, with the reference's semantics (docs/algorithm.md).
+"""The distillation loop, with the reference's semantics.
 
 One experiment: initialise the synthetic set, then for every iteration
 

@@ -106,8 +106,8 @@ class ImageStep:
         self.experiment = experiment
         self.config, self.dataset = experiment.config, experiment.dataset
         self.loss = experiment.method.loss
-        self.joint = self.mixes_classes(self.config)
-        self.real_piece = None if self.joint else real_piece_size(self.config, self.dataset)
+        # a batch-mixing net must see each class's real batch whole
+        self.real_piece = None if self.mixes_classes(self.config) else real_piece_size(self.config, self.dataset)
 
     @classmethod
     def mixes_classes(cls, config: Config) -> bool:

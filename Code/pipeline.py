@@ -100,6 +100,14 @@ def join_processes(config: Config) -> tuple[World, torch.device]:
     return world, process_device(device.type, world)
 
 
+def refuse_for_world(config: Config, world: World) -> None:
+    """Settings that cannot run on this many processes."""
+    if world.distributed and config.class_steps == "sequential":
+        raise ConfigError("--class_steps sequential steps one optimiser over the whole set at every class's turn, "
+                          "as the reference does, in one process; run it without torchrun or use --class_steps "
+                          "batched")
+
+
 def shared_run_directory(world: World, make: Callable[[], RunDirectory]) -> RunDirectory:
     """The first process makes the run's folder (``make``); every process then uses its path, and
     only the first process's writes happen."""
@@ -133,10 +141,7 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     started = time.perf_counter()
     world, device = join_processes(config)
     method = get_method(config.method)
-    if world.distributed and config.class_steps == "sequential":
-        raise ConfigError("--class_steps sequential steps one optimiser over the whole set at every class's turn, "
-                          "as the reference does, in one process; run it without torchrun or use --class_steps "
-                          "batched")
+    refuse_for_world(config, world)
     ensure_writable(Path(config.save_path))
     with world.main_first():
         dataset = load_dataset(config, device)
@@ -171,7 +176,9 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
     results = results_record(config, final, fast, device, run_dir, time.perf_counter() - started,
                              init=merge_accuracies(inits) if inits else None,
-                             best_on_test=best_on_test_record(progress.best), processes=world.size)
+                             best_on_test=best_on_test_record(progress.best), processes=world.size,
+                             class_steps=config.class_steps,
+                             class_chunks=len(method.step.class_chunks(config, dataset)))
     run_dir.write_results(results)
     if world.is_main:
         print_summary(results)

@@ -22,6 +22,17 @@ reported), so ``efficiency`` compares like with like.
 ``--compile`` it holds the compiling. ``stacked_eval`` times ``--stacked_nets``
 ConvNets trained together (vmap) against training them one after another,
 the measurement behind ``--eval_batched auto``.
+
+How the image steps scale with the number of classes (docs/cost_model.md):
+
+    # batched vs sequential class steps, one process, on the published Fashion-MNIST line
+    python bench/bench.py --dataset FashionMNIST --ipc 10 --compare_class_steps --device cpu
+    # the same on a generated 100-class 32x32 set with the published CIFAR-100 IPC-10 flags
+    python bench/bench.py --dataset CIFAR100 --ipc 10 --generated_classes 100 --compare_class_steps
+    # seconds per class step at 20 and 200 generated classes, same work per class
+    python bench/bench.py --dataset CIFAR100 --ipc 10 --scaling_classes 20,200 --im_size 32 --compile off
+    # the image optimiser alone, per class step, on sets of given shapes
+    python bench/bench.py --optimizer_shapes 200x50x64,1000x10x64
 """
 
 from __future__ import annotations
@@ -51,12 +62,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cli import resolve_config  # noqa: E402
-from config import Config, resolve_device  # noqa: E402
+from config import Config, resolve_device, resolve_fast_paths  # noqa: E402
+from data import Dataset  # noqa: E402
+from data.splits import make_dataset  # noqa: E402
 from distill import Experiment  # noqa: E402
 from distributed import SINGLE, join, launched_by_torchrun, process_device  # noqa: E402
 from errors import exit_code_of  # noqa: E402
 from evaluation import EvalNet, EvalProtocol, test_accuracy, train_on_set, train_together  # noqa: E402
 from evaluation_points import BestOnTest  # noqa: E402
+from image_optimizer import LazySGD, WholeSetOptimizer  # noqa: E402
 from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
@@ -248,16 +262,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "threads, and print both with their speed-up per phase")
     parser.add_argument("--threads", type=int, default=0, help="with --nproc: CPU threads per process "
                         "(default: cores / nproc)")
+    parser.add_argument("--class_steps", default="batched", choices=("batched", "sequential"),
+                        help="how the image steps run (see the scripts' --help)")
+    parser.add_argument("--class_chunk", type=int, default=0, help="classes per batched pass (0: the auto rule)")
+    parser.add_argument("--compare_class_steps", action="store_true",
+                        help="measure --class_steps batched, then sequential, in one process (instead of the "
+                        "plain speed path) and print both with their ratio")
+    parser.add_argument("--generated_classes", type=int, default=0,
+                        help="distil a generated set of this many classes (--im_size, RGB, --per_class images "
+                        "each) with the published flags of --dataset and --ipc, instead of the real data")
+    parser.add_argument("--per_class", type=int, default=300, help="images per generated class")
+    parser.add_argument("--im_size", type=int, default=32, help="side of generated images")
+    parser.add_argument("--scaling_classes", default="",
+                        help="e.g. 20,200: time the image phase per class step at each number of generated "
+                        "classes, batched and sequential, with the same work per class (the published CIFAR "
+                        "flags at --ipc with a real batch of --scaling_batch_real images)")
+    parser.add_argument("--scaling_batch_real", type=int, default=32,
+                        help="real images per class step in --scaling_classes (published: 256)")
+    parser.add_argument("--optimizer_shapes", default="",
+                        help="e.g. 200x50x64,1000x10x64 (classes x IPC x side, RGB): time the image optimiser "
+                        "alone per class step on sets of these shapes, the whole-set step (sequential) against "
+                        "a class's own rows with its catch-up (batched)")
     parser.add_argument("--as_process", action="store_true", help=argparse.SUPPRESS)  # one side of --nproc
     return parser.parse_args(argv)
 
 
-def published_config(args: argparse.Namespace, path: SpeedPath) -> Config:
-    """The published configuration of the benchmarked dataset and IPC, on one speed path."""
+def published_config(args: argparse.Namespace, path: SpeedPath, *more: str) -> Config:
+    """The published configuration of the benchmarked dataset and IPC, on one speed path (``more``: flags
+    that change it)."""
     argv = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--device", args.device, "--precision", path.precision,
-            "--compile", path.compile, "--memory_format", path.memory_format,
-            *(["--data_path", args.data_path] if args.data_path else [])]
+            "--compile", path.compile, "--memory_format", path.memory_format, "--class_steps", args.class_steps,
+            "--class_chunk", str(args.class_chunk), *(["--data_path", args.data_path] if args.data_path else []),
+            *more]
     return resolve_config(argv, {}).config
+
+
+def generated_dataset(classes: int, per_class: int, side: int, seed: int = 0) -> Dataset:
+    """``classes`` classes of ``per_class`` RGB images (``side`` pixels square; a fifth as many test images):
+    one colour per class plus noise, drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        colours = torch.randint(0, 256, (classes, 1, 3, 1, 1), generator=torch.Generator().manual_seed(seed))
+        noise = torch.randint(-40, 41, (classes, count, 3, side, side), generator=generator)
+        images = (colours + noise).clamp(0, 255).to(torch.uint8).flatten(0, 1)
+        return images, torch.arange(classes).repeat_interleave(count)
+
+    return make_dataset(f"generated-{classes}", [f"class{c}" for c in range(classes)], [0.5] * 3, [0.25] * 3,
+                        split(per_class), split(max(1, per_class // 5)))
+
+
+def bench_dataset(args: argparse.Namespace, config: Config, device: torch.device) -> Dataset:
+    """The real data of ``config``, or the generated set ``--generated_classes`` asks for."""
+    if args.generated_classes:
+        return generated_dataset(args.generated_classes, args.per_class, args.im_size).to(device)
+    return load_dataset(config, device)
 
 
 def chosen_path(args: argparse.Namespace) -> SpeedPath:
@@ -268,7 +327,7 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
     """Time one speed path through the loop and return its record."""
     config = published_config(args, path)
     device = resolve_device(config.device)
-    dataset = load_dataset(config, device)
+    dataset = bench_dataset(args, config, device)
     with tempfile.TemporaryDirectory() as scratch:
         experiment = Experiment(config, get_method(config.method), dataset, RunDirectory(Path(scratch)), 0, device,
                                 BestOnTest())
@@ -282,7 +341,10 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
     tflops = flops_per_iteration(experiment) / 1e12
     peak = peak_tflops(device, experiment.fast.precision)
     return {
-        "dataset": args.dataset, "ipc": args.ipc, "config": f"published defaults for {args.dataset} IPC {args.ipc}",
+        "dataset": dataset.name, "classes": dataset.num_classes, "ipc": args.ipc,
+        "config": f"published defaults for {args.dataset} IPC {args.ipc}",
+        "class_steps": config.class_steps, "class_chunks": len(experiment.layout.chunks),
+        "s_per_image_phase": round(seconds - phases["pool_training"], 3),
         "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
         "phases": {name: round(value, 3) for name, value in phases.items()},
         "stacked_eval": None if stacked_epoch is None else {
@@ -392,9 +454,111 @@ def scaling(args: argparse.Namespace) -> None:
         phase: round(one["seconds"][phase] / many["seconds"][phase], 2) for phase in one["seconds"]}}), flush=True)
 
 
+def compare_class_steps(args: argparse.Namespace) -> None:
+    """Print one JSON line for --class_steps batched and one for sequential, measured in one process on the
+    chosen speed path; the batched line carries the ratios."""
+    batched = measure(argparse.Namespace(**{**vars(args), "class_steps": "batched"}), chosen_path(args))
+    sequential = measure(argparse.Namespace(**{**vars(args), "class_steps": "sequential"}), chosen_path(args))
+    batched["speedup_vs_sequential"] = {
+        "iteration": round(sequential["s_per_iteration"] / batched["s_per_iteration"], 3),
+        "image_phase": round(sequential["s_per_image_phase"] / batched["s_per_image_phase"], 3)}
+    print(json.dumps(batched), flush=True)
+    print(json.dumps(sequential), flush=True)
+
+
+def image_pass_seconds(config: Config, dataset: Dataset, device: torch.device) -> tuple[float, int]:
+    """Seconds of one pass of every class's image step under a pool net (after an untimed pass: first-call
+    costs), and the number of chunks the classes came in."""
+    with tempfile.TemporaryDirectory() as scratch:
+        experiment = Experiment(config, get_method(config.method), dataset, RunDirectory(Path(scratch)), 0, device,
+                                BestOnTest())
+        experiment.step.start()
+        entry = experiment.pool.nets[0]
+        experiment.step.match_under(entry, (0, 0, 0))
+        synchronize(device)
+        start = time.perf_counter()
+        experiment.step.match_under(entry, (1, 0, 0))
+        synchronize(device)
+        return time.perf_counter() - start, len(experiment.layout.chunks)
+
+
+def class_scaling(args: argparse.Namespace) -> None:
+    """One JSON line: per number of generated classes and per path, the image phase's seconds per class
+    step, with the same work per class at every count; and how each path's cost grows with the classes."""
+    counts = [int(count) for count in args.scaling_classes.split(",")]
+    seconds: dict[str, dict[int, float]] = {"batched": {}, "sequential": {}}
+    chunks: dict[int, int] = {}
+    for classes in counts:
+        dataset = None
+        for class_steps in seconds:
+            config = published_config(argparse.Namespace(**{**vars(args), "class_steps": class_steps}),
+                                      chosen_path(args), "--batch_real", str(args.scaling_batch_real))
+            device = resolve_device(config.device)
+            if dataset is None:
+                per_class = max(config.batch_real, config.ipc) + 8
+                dataset = generated_dataset(classes, per_class, args.im_size).to(device)
+            total, count = image_pass_seconds(config, dataset, device)
+            seconds[class_steps][classes] = round(total / classes, 4)
+            if class_steps == "batched":
+                chunks[classes] = count
+    first, last = counts[0], counts[-1]
+    print(json.dumps({
+        "bench": "class_scaling", "classes": counts, "im_size": args.im_size, "ipc": args.ipc,
+        "aug": config.aug, "decoded_images_per_class": 4 * config.ipc if config.aug else config.ipc,
+        "real_images_per_class_step": config.batch_real,
+        "reduced_work": f"real batch {config.batch_real} per class step (published 256); otherwise the published "
+                        f"{args.dataset} IPC {args.ipc} flags; one pass under one pool net, timed after a warm-up",
+        "s_per_class_step": seconds, "batched_chunks": chunks,
+        "growth": {path: round(values[last] / values[first], 3) for path, values in seconds.items()},
+        "device_name": torch.cuda.get_device_name() if config.device == "cuda" else cpu_name(),
+        "avx512": "avx512f" in cpu_flags(), "amx": "amx_bf16" in cpu_flags(), "threads": torch.get_num_threads(),
+        **resolve_fast_paths(config, resolve_device(config.device)).record(), "torch_version": torch.__version__,
+    }), flush=True)
+
+
+def optimizer_costs(args: argparse.Namespace) -> None:
+    """One JSON line per set shape: seconds of the image optimiser's work per class step, no network:
+    the reference's whole-set step (zero the gradient, write a class's rows, step every image) against a
+    class's rows caught up over C - 1 missed turns and stepped (the batched path's work per class)."""
+    device = resolve_device(args.device)
+    for shape in args.optimizer_shapes.split(","):
+        classes, ipc, side = (int(part) for part in shape.split("x"))
+        images = torch.randn(classes * ipc, 3, side, side, device=device)
+        gradient = torch.randn(ipc, 3, side, side, device=device)
+        whole = WholeSetOptimizer(images, range(classes), ipc, "sgd", 0.2)
+        lazy = LazySGD(images, range(classes), ipc, 0.2)
+        probes = range(0, classes, max(1, classes // 8))
+
+        def whole_steps() -> None:
+            for c in probes:
+                whole.step(range(c, c + 1), gradient)
+
+        def lazy_steps() -> None:
+            for c in probes:
+                lazy.images_at(range(c, c + 1), [lazy.synced[c] + classes - 1])
+                lazy.step(range(c, c + 1), gradient)
+
+        record = {"bench": "optimizer_costs", "classes": classes, "ipc": ipc, "side": side,
+                  "set_mb": round(images.numel() * 4 / 2**20, 1)}
+        for name, run in (("sequential", whole_steps), ("batched", lazy_steps)):
+            record[f"{name}_ms_per_class_step"] = round(1000 * best_seconds(run, device, 3) / len(probes), 3)
+        record["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        print(json.dumps(record), flush=True)
+        del images, whole, lazy
+
+
 def benchmark(args: argparse.Namespace) -> None:
     """Print one JSON line for the chosen path, then one for the plain path (fp32, no compile, contiguous)
     measured in the same process, so that their ratio compares like with like on one machine."""
+    if args.compare_class_steps:
+        compare_class_steps(args)
+        return
+    if args.scaling_classes:
+        class_scaling(args)
+        return
+    if args.optimizer_shapes:
+        optimizer_costs(args)
+        return
     chosen = measure(args, chosen_path(args))
     chosen["path"] = "chosen"
     resolved = (chosen["precision"], "on" if chosen["compile"] else "off", chosen["memory_format"])

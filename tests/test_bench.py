@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
 
@@ -12,12 +14,17 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
 
 
-def test_one_json_line_with_every_figure(image_folder: Path) -> None:
-    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
-                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "2", "--device", "cpu",
-                       "--precision", "fp32", "--compile", "off")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+@pytest.fixture(scope="module")
+def measured(image_folder: Path) -> subprocess.CompletedProcess:
+    """One bench run on the generated folder: fp32, eager, 2 stacked nets."""
+    return run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
+                     "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "2", "--device", "cpu",
+                     "--precision", "fp32", "--compile", "off")
+
+
+def test_one_json_line_with_every_figure(measured: subprocess.CompletedProcess) -> None:
+    assert measured.returncode == 0, measured.stderr
+    lines = measured.stdout.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
     for seconds in ("s_per_iteration", "s_per_eval_epoch", "startup_s", "first_iteration_s"):
@@ -32,23 +39,20 @@ def test_one_json_line_with_every_figure(image_folder: Path) -> None:
     assert record["peak_memory_mb"] > 0 and record["threads"] >= 1
     assert (record["device"], record["precision"], record["compile"], record["memory_format"]) == \
         ("cpu", "fp32", False, "contiguous")
+    assert (record["class_steps"], record["class_chunks"]) == ("batched", 3)
     for key in ("device_name", "amx", "avx512", "bf16_units", "torch_version"):
         assert key in record, key
 
 
-def test_flops_are_counted_from_the_layer_shapes(image_folder: Path) -> None:
+def test_flops_are_counted_from_the_layer_shapes(measured: subprocess.CompletedProcess) -> None:
     """By hand, one forward of the 32x32 RGB ConvNet: 2 x multiply-adds of
     conv1 32*32*128*27 + conv2 16*16*128*128*9 + conv3 8*8*128*128*9 + fc 2048*3 = 101.5 MFLOP.
     The generated folder has 24 training images, 8 per class, so an IPC-2 iteration is
     3 classes x 8 real forwards + 3 x 8 decoded images x 2 (fwd + input grad)
     + 2 nets x 10 steps x 24 images x 3 (fwd + full backward) = 1512 forwards."""
     forward = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 128 * 9 + 8 * 8 * 128 * 128 * 9 + 2048 * 3)
-    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
-                       "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "0", "--device", "cpu",
-                       "--precision", "fp32", "--compile", "off")
-    record = json.loads(result.stdout)
+    record = json.loads(measured.stdout)
     assert record["tflops_per_iteration"] == round(1512 * forward / 1e12, 3)
-    assert record["stacked_eval"] is None
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
@@ -86,3 +90,48 @@ def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(i
     assert one["collective_bytes_per_iteration"] == {} and two["collective_bytes_per_iteration"]["broadcast"] > 0
     assert set(two["speedup_vs_one_process"]) == {"iteration", "pool_training", "image_updates", "evaluation_epoch",
                                                   "evaluation_test"}
+
+
+def in_process_bench():
+    """bench.py as a module, for checks that need no fresh process."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench
+    return bench
+
+
+def test_class_steps_are_compared_in_one_process_with_their_ratios(monkeypatch, capsys) -> None:
+    bench = in_process_bench()
+
+    def measure(args, path) -> dict:
+        seconds = {"batched": (2.0, 0.5), "sequential": (3.0, 1.0)}[args.class_steps]
+        return {"class_steps": args.class_steps, "s_per_iteration": seconds[0], "s_per_image_phase": seconds[1]}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.benchmark(bench.parse_args(["--compare_class_steps"]))
+    batched, sequential = map(json.loads, capsys.readouterr().out.splitlines())
+    assert (batched["class_steps"], sequential["class_steps"]) == ("batched", "sequential")
+    assert batched["speedup_vs_sequential"] == {"iteration": 1.5, "image_phase": 2.0}
+
+
+def test_class_scaling_times_a_class_step_at_each_count_of_generated_classes(capsys) -> None:
+    bench = in_process_bench()
+    bench.benchmark(bench.parse_args(["--dataset", "CIFAR100", "--ipc", "2", "--scaling_classes", "3,6", "--im_size",
+                                      "8", "--scaling_batch_real", "4", "--device", "cpu", "--precision", "fp32",
+                                      "--compile", "off"]))
+    record = json.loads(capsys.readouterr().out)
+    assert record["classes"] == [3, 6] and record["real_images_per_class_step"] == 4
+    assert record["decoded_images_per_class"] == 8 and "published 256" in record["reduced_work"]
+    for path in ("batched", "sequential"):
+        seconds = record["s_per_class_step"][path]
+        assert all(value > 0 for value in seconds.values())
+        assert record["growth"][path] == round(seconds["6"] / seconds["3"], 3)
+    assert record["batched_chunks"] == {"3": 3, "6": 6}  # at most ceil(classes / 8) per chunk
+
+
+def test_the_optimiser_alone_is_timed_per_class_step_on_each_set_shape(capsys) -> None:
+    bench = in_process_bench()
+    bench.benchmark(bench.parse_args(["--optimizer_shapes", "6x2x8,12x1x4", "--device", "cpu"]))
+    first, second = map(json.loads, capsys.readouterr().out.strip().splitlines())
+    assert (first["classes"], first["ipc"], first["side"], second["classes"]) == (6, 2, 8, 12)
+    assert first["set_mb"] == round(6 * 2 * 3 * 8 * 8 * 4 / 2**20, 1)
+    assert first["sequential_ms_per_class_step"] > 0 and first["batched_ms_per_class_step"] > 0

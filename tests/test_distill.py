@@ -72,6 +72,7 @@ def test_a_run_writes_every_output(image_folder: Path, tmp_path: Path) -> None:
     assert written["reduced_budget"] is True and written["departures_from_published"]["Iteration"] == \
         {"used": 4, "published": 20000}
     assert written["best_on_test"]["note"].startswith("selected by test accuracy")
+    assert (written["class_steps"], written["class_chunks"]) == ("batched", 3)
     assert not list(run_dir.rglob("*.tmp"))
 
 

@@ -16,17 +16,21 @@ import checkpoint
 import runtime
 from checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint
 from cli import main
+from data import DataOptions, get_dataset
+from distill import Experiment
 from errors import ConfigError
-from helpers import CODE_DIR
+from evaluation_points import BestOnTest
+from helpers import CODE_DIR, UPDATE_TOLERANCE
+from methods import get_method
 
 TIMING_KEYS = {"s_per_iteration", "seconds", "run_dir"}
 
 
 def run_args(folder: Path, save_path: Path, name: str, *more: str) -> list[str]:
-    """Two experiments of 24 iterations on tiny data (3 classes in batched chunks of 2 and 1): a few
+    """Two experiments of 16 iterations on tiny data (3 classes in batched chunks of 2 and 1): a few
     seconds, many checkpoints, each with image rows that wait for their momentum-only moves."""
     return ["--dataset", "ImageFolder", "--data_path", str(folder), "--im_size", "16", "--ipc", "2",
-            "--Iteration", "24", "--eval_interval", "8", "--num_exp", "2", "--num_eval", "1",
+            "--Iteration", "16", "--eval_interval", "8", "--num_exp", "2", "--num_eval", "1",
             "--epoch_eval_train", "2", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "1",
             "--batch_train", "8", "--log_every", "1", "--checkpoint_every", "1", "--device", "cpu", "--class_chunk", "2",
             "--save_path", str(save_path), "--run_name", name, *more]
@@ -87,7 +91,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(image_folder: Path, tmp_p
                                                        reference_run: Path) -> None:
     run_dir = tmp_path / "killed"
     process = start(*run_args(image_folder, tmp_path, "killed"))
-    wait_for_records(run_dir, 0, 13, process)  # mid-experiment, after an evaluation point
+    wait_for_records(run_dir, 0, 11, process)  # mid-experiment, after an evaluation point
     process.kill()
     process.wait()
     resumed = start("--resume", str(run_dir))
@@ -192,3 +196,45 @@ def test_a_non_finite_value_stops_the_run_with_exit_code_3(image_folder: Path, t
     assert not (run_dir / "results.json").exists()
     for saved in (run_dir / "sets").glob("*.pt"):
         assert torch.isfinite(torch.load(saved, weights_only=True)["images"]).all()
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_with_batched_class_steps(image_folder: Path,
+                                                                            tmp_path: Path) -> None:
+    """Format 2 (before batched class steps) held the whole-set optimiser, which has every class current
+    at the last turn; loaded, the run goes on with --class_steps batched and ends within rounding of the
+    run that never stopped: each class within helpers.UPDATE_TOLERANCE of its update."""
+    flags = ["--dataset", "ImageFolder", "--data_path", str(image_folder), "--im_size", "16", "--ipc", "2",
+             "--Iteration", "4", "--eval_interval", "4", "--num_exp", "1", "--num_eval", "1",
+             "--epoch_eval_train", "0", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "1",
+             "--device", "cpu", "--precision", "fp32", "--compile", "off", "--save_path", str(tmp_path)]
+    assert main({}, [*flags, "--run_name", "whole", "--class_steps", "sequential"]) == 0
+    config = checkpoint.Config(**load_checkpoint(tmp_path / "whole").config)
+    run_dir = checkpoint.RunDirectory.create(tmp_path, "old")
+    run_dir.write_config(config.to_dict())
+    dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
+    experiment = Experiment(config, get_method("bacon"), dataset, run_dir, 0, torch.device("cpu"), BestOnTest())
+    initial = experiment.synset.stored().clone()
+    experiment.step.start()
+    experiment.started = True
+    for it in range(2):  # what the previous version would have saved after two iterations
+        experiment.step.iteration(it)
+        experiment.log.iterations += 1
+    experiment.next_iteration = 2
+    checkpoint.Checkpoints(run_dir, config, checkpoint.RunProgress()).save(experiment)
+    payload = torch.load(run_dir.path / CHECKPOINT, weights_only=True)
+    state = payload["experiment_state"]
+    whole_set = state.pop("synthetic")
+    state["images"], state["optimizer"] = whole_set["images"], whole_set["optimizer"]
+    log = state["log"]
+    state["log"] = {"sums": log["sums"], "steps": log["classes"], "iterations": log["iterations"]}
+    for name in ("class_steps", "class_chunk"):
+        del payload["config"][name]
+    torch.save({**payload, "format": 2}, run_dir.path / CHECKPOINT)
+
+    assert main({}, ["--resume", str(run_dir.path)]) == 0
+    assert load_checkpoint(run_dir.path).config["class_steps"] == "batched"
+    final = "sets/exp0_it000004.pt"
+    reference = torch.load(tmp_path / "whole" / final, weights_only=True)["images"].view(3, -1)
+    resumed = torch.load(run_dir.path / final, weights_only=True)["images"].view(3, -1)
+    moved = (reference - initial.view(3, -1)).norm(dim=1)
+    assert torch.all((resumed - reference).norm(dim=1) <= UPDATE_TOLERANCE * moved)
