@@ -127,9 +127,12 @@ def check_defaults(method: str) -> Callable[[Context], str]:
 
 
 def check_fp32_sequential(method: str) -> Callable[[Context], str]:
+    """The reference's order on the device: fp32, one evaluation network and one class step at a time."""
     def check(context: Context) -> str:
         results = distil(context, method, f"fp32-{method}", "--device", context.device, "--precision", "fp32",
-                         "--eval_batched", "off")
+                         "--eval_batched", "off", "--class_steps", "sequential")
+        if results.get("class_steps") != "sequential":
+            raise CheckFailed(f"results.json says class steps {results.get('class_steps')!r}, not sequential")
         return expect_results(results, context, "fp32", stacked=False)
     return check
 
