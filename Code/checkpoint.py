@@ -88,14 +88,13 @@ class Checkpoints:
         self.run_dir.write_checkpoint(payload, CHECKPOINT, PREVIOUS)
         self.last_saved = time.monotonic()
 
-    def save_if_due(self, experiment: Experiment, iterations_done: int) -> None:
+    def due(self, iterations_done: int) -> bool:
+        """Whether a checkpoint is due after ``iterations_done`` iterations, by this process's count or
+        clock; the experiment lets the first process's answer decide for all (``World.agree``)."""
         every = self.config.checkpoint_every
         if every > 0:
-            due = iterations_done % every == 0
-        else:  # the first process's clock decides, so that every process saves together
-            due = self.world.main_value(time.monotonic() - self.last_saved >= AUTO_INTERVAL_S)
-        if due:
-            self.save(experiment)
+            return iterations_done % every == 0
+        return time.monotonic() - self.last_saved >= AUTO_INTERVAL_S
 
 
 def _synthetic_from_whole_set(images: torch.Tensor, optimizer: dict[str, Any], classes: int) -> dict[str, Any]:

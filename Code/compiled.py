@@ -7,8 +7,11 @@ compiled kernels are cached on disk between runs, in a folder stated here.
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,20 +41,30 @@ def require_compiler() -> None:
 
 @lru_cache(maxsize=1)
 def compile_cache_dir() -> Path:
-    """Where inductor keeps compiled kernels between runs (set before the first compile).
+    """Where inductor keeps compiled kernels between runs, set before the first compile.
 
-    ``TORCHINDUCTOR_CACHE_DIR`` when given, else inductor's default folder, with
-    the ATen capability appended when ``ATEN_CPU_CAPABILITY`` is set: inductor's
+    ``TORCHINDUCTOR_CACHE_DIR`` when given; else inductor's own default
+    (``torchinductor_<user>`` in the temporary folder), named here rather than
+    read from inductor's private modules, which differ between releases. The
+    ATen capability is appended when ``ATEN_CPU_CAPABILITY`` is set: inductor's
     cache key leaves that variable out, and kernels generated under one
     capability fail to build under another ("'at::vec' has not been declared").
     """
-    chosen = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # read before importing inductor, which sets it
-    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None:
+        capability = os.environ.get("ATEN_CPU_CAPABILITY")
+        chosen = str(Path(tempfile.gettempdir()) / f"torchinductor_{_user()}{'_' + capability if capability else ''}")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
+    return Path(chosen)
 
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if not chosen and capability:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
-    return Path(cache_dir())
+
+def _user() -> str:
+    """The user name inductor puts in its default folder name (the uid where there is none)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return re.sub(r'[\\/:*?"<>|]', "_", name)
 
 
 def compile_network(net: Network) -> Network:

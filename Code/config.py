@@ -67,6 +67,9 @@ class Config:
                                    "10 minutes of work have passed", RUN)
     dist_backend: str = option("auto", "torch.distributed backend when launched by torchrun: auto = nccl on CUDA, "
                                "gloo on CPU", RUN, BACKENDS)
+    deterministic: bool = option(False, "deterministic kernels where PyTorch has them; on CUDA also no cuDNN "
+                                 "algorithm search (slower; DSA scale/rotate and mosaic decoding still use atomic "
+                                 "additions in their backward there)", RUN)
     check_replicas: bool = option(False, "debugging: after every iteration compare the network pool's checksum "
                                   "across processes (torchrun) and stop if they differ", RUN)
 
@@ -108,8 +111,9 @@ class Config:
     im_size: int | None = option(None, "ImageFolder only: resize images to this square side (32 if unset)", DATA)
     test_fraction: float = option(0.2, "ImageFolder without test/: fraction of each class held out", DATA)
 
-    precision: str = option("auto", "convolutions in fp32 or bf16 autocast; auto = bf16 where the device has "
-                            "bf16 matrix units (CUDA, AMX, AVX-512-BF16)", SPEED, PRECISIONS)
+    precision: str = option("auto", "fp32 (IEEE: TF32 off on CUDA), tf32 (CUDA's TensorFloat-32 convolutions and "
+                            "matmuls) or bf16 autocast; auto = bf16 where the device has bf16 matrix units (CUDA, "
+                            "AMX, AVX-512-BF16), else fp32", SPEED, PRECISIONS)
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
                                "only (2-3x slower than one after another on a 2-core CPU)", SPEED, SWITCHES)
     compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; 10-25 s of "
@@ -184,7 +188,7 @@ BUDGET_FIELDS = ("Iteration", "epoch_eval_train", "num_exp", "num_eval", "batch_
                  "model_train_steps", "fetch_net_num", "train_net_num", "batch_train")
 NOT_PROTOCOL = {"seed", "device", "data_path", "save_path", "run_name", "log_every", "checkpoint_every", "eval_init",
                 "test_pool_nets", "im_size", "test_fraction", "precision", "eval_batched", "compile", "memory_format",
-                "class_steps", "class_chunk", "dist_backend", "check_replicas"}
+                "class_steps", "class_chunk", "dist_backend", "check_replicas", "deterministic"}
 RESUME_MAY_CHANGE = {"data_path", "save_path", "run_name", "log_every", "checkpoint_every", "test_pool_nets",
                      "dist_backend", "check_replicas"}
 
@@ -211,13 +215,16 @@ def is_reduced_budget(config: Config) -> bool:
 
 
 def resolve_fast_paths(config: Config, device: torch.device, evaluation_only: bool = False) -> FastPaths:
-    """The run's speed settings on ``device``. Compiling pays for a long run: a distillation of
-    COMPILE_MIN_ITERATIONS iterations, or an evaluation of COMPILE_MIN_EVAL_EPOCHS epochs."""
+    """The run's speed settings on ``device``, with the process-wide math they imply set. Compiling
+    pays for a long run: a distillation of COMPILE_MIN_ITERATIONS iterations, or an evaluation of
+    COMPILE_MIN_EVAL_EPOCHS epochs."""
     long_run = (config.epoch_eval_train >= COMPILE_MIN_EVAL_EPOCHS if evaluation_only
                 else config.Iteration >= COMPILE_MIN_ITERATIONS)
-    return FastPaths.resolve(device, precision=config.precision, compile=config.compile,
+    fast = FastPaths.resolve(device, precision=config.precision, compile=config.compile,
                              memory_format=config.memory_format, eval_batched=config.eval_batched,
-                             long_run=long_run)
+                             long_run=long_run, deterministic=config.deterministic)
+    fast.configure_process(device)
+    return fast
 
 
 def resolve_device(name: str) -> torch.device:

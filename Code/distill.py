@@ -44,7 +44,7 @@ class CheckpointSink(Protocol):
 
     def save(self, experiment: "Experiment") -> None: ...
 
-    def save_if_due(self, experiment: "Experiment", iterations_done: int) -> None: ...
+    def due(self, iterations_done: int) -> bool: ...
 
 
 class NoCheckpoints:
@@ -53,8 +53,8 @@ class NoCheckpoints:
     def save(self, experiment: "Experiment") -> None:
         pass
 
-    def save_if_due(self, experiment: "Experiment", iterations_done: int) -> None:
-        pass
+    def due(self, iterations_done: int) -> bool:
+        return False
 
 
 class Experiment:
@@ -124,14 +124,18 @@ class Experiment:
                 if it % config.log_every == 0:
                     self.health.raise_if_bad()
                     self.write_log(it, progress)
-                self.stop_if_asked()
-                checkpoints.save_if_due(self, it + 1)
+                self.end_iteration(checkpoints, it + 1)
         return {"final": self.final, "init": self.init}
 
-    def stop_if_asked(self) -> None:
-        """Raise ``Interrupted`` when any process was asked to stop (all stop at the same boundary)."""
-        if self.world.any(STOP.signum is not None, self.device):
+    def end_iteration(self, checkpoints: CheckpointSink, iterations_done: int) -> None:
+        """Between iterations, the processes agree in one exchange whether any was asked to stop
+        (then all raise ``Interrupted`` at this boundary) and whether the first one's checkpoint
+        is due (then all save)."""
+        stop, due = self.world.agree(STOP.signum is not None, checkpoints.due(iterations_done))
+        if stop:
             raise Interrupted(STOP.signum or signal.SIGTERM)
+        if due:
+            checkpoints.save(self)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that determines the rest of this experiment (see checkpoint.py); a collective call."""

@@ -27,11 +27,22 @@ collective is the identity. What is divided, and why it changes no result:
 
 Every process holds the whole dataset on its device; the first process reads
 (or downloads) it before the others. Only the first process writes files.
+
+Two process groups carry the traffic. Tensors (trained nets, synthetic
+blocks) go through the run's backend, NCCL on CUDA, bound to this process's
+GPU before the group exists. Decisions and small Python values (barriers,
+gathered accuracies, the agreement at each iteration's end) go through a
+second group on gloo, on the CPU: they never wait on a GPU queue, and its
+timeout is long, because a process that finished its evaluation networks
+waits there for as long as the others still train theirs (hours at
+Tiny-ImageNet IPC 50 or with --eval_mode M), which would outlast the tensor
+group's 30 minutes and kill the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -43,7 +54,8 @@ import torch.distributed as dist
 from errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
-TIMEOUT = datetime.timedelta(minutes=30)  # an evaluation point can keep one process busy for long
+TIMEOUT = datetime.timedelta(minutes=30)  # tensor collectives: a stuck process is reported after this
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)  # decisions and gathers, which wait out other processes' work
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,14 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    control: Any = field(default=None, compare=False, repr=False)  # the gloo group of decisions and gathers
     traffic: dict[str, int] = field(default_factory=dict, compare=False)  # payload bytes per collective
+    calls: dict[str, int] = field(default_factory=dict, compare=False)  # calls per collective
 
-    def _count(self, collective: str, tensors: Sequence[torch.Tensor]) -> None:
+    def _count(self, collective: str, tensors: Sequence[torch.Tensor] = ()) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors)
         self.traffic[collective] = self.traffic.get(collective, 0) + size
+        self.calls[collective] = self.calls.get(collective, 0) + 1
 
     @property
     def is_main(self) -> bool:
@@ -101,46 +116,55 @@ class World:
         return torch.cat([piece[:rows] for piece, rows in zip(pieces, sizes)])
 
     def broadcast_(self, tensors: Sequence[torch.Tensor], source: int) -> None:
-        """Overwrite ``tensors`` on every process with ``source``'s."""
-        if self.distributed:
-            self._count("broadcast", tensors)
-            with torch.no_grad():
-                for tensor in tensors:
-                    dist.broadcast(tensor, source)
+        """Overwrite ``tensors`` on every process with ``source``'s: one broadcast per dtype, of the
+        tensors flattened into one buffer (a net is a few dozen tensors; each broadcast is a launch
+        and a rendezvous)."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for group in _by_dtype(tensors):
+                flat = torch.cat([t.reshape(-1) for t in group])
+                self._count("broadcast", [flat])
+                dist.broadcast(flat, source)
+                for tensor, piece in zip(group, flat.split([t.numel() for t in group])):
+                    tensor.copy_(piece.view_as(tensor))
 
     def gather_objects(self, value: Any) -> list[Any]:
-        """Every process's ``value`` (picklable), in rank order."""
+        """Every process's ``value`` (picklable), in rank order (on the control group)."""
         if not self.distributed:
             return [value]
         gathered: list[Any] = [None] * self.size
-        dist.all_gather_object(gathered, value)
+        self._count("gather_objects")
+        dist.all_gather_object(gathered, value, group=self.control)
         return gathered
 
     def main_value(self, value: Any) -> Any:
-        """The first process's ``value``, on every process."""
+        """The first process's ``value``, on every process (on the control group)."""
         if not self.distributed:
             return value
         holder = [value]
-        dist.broadcast_object_list(holder, 0)
+        self._count("main_value")
+        dist.broadcast_object_list(holder, 0, group=self.control)
         return holder[0]
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is true on any process (one tiny all-reduce)."""
+    def agree(self, anyone: bool, main: bool) -> tuple[bool, bool]:
+        """(whether ``anyone`` is true on any process, the first process's ``main``) on every process:
+        one all-reduce of two CPU numbers on the control group, so no device queue is waited on."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([int(flag)], device=device)
-        self._count("all_reduce", [value])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return anyone, main
+        votes = torch.tensor([int(anyone), int(main and self.is_main)])
+        self._count("agree", [votes])
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(votes[0]), bool(votes[1])
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """The first process runs the block before the others (downloads, caches), then they do."""
         if self.distributed and not self.is_main:
-            dist.barrier()
+            dist.barrier(group=self.control)
         yield
         if self.distributed and self.is_main:
-            dist.barrier()
+            dist.barrier(group=self.control)
 
     def checksum(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """Every process's sum of ``tensors`` (a debugging check that replicated state agrees)."""
@@ -149,6 +173,14 @@ class World:
 
 
 SINGLE = World()
+
+
+def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -202,7 +234,7 @@ def reports_errors() -> bool:
 
 
 def process_device(name: str, world: World) -> torch.device:
-    """The device of this process: its own GPU (LOCAL_RANK) on CUDA."""
+    """The device of this process: its own GPU (LOCAL_RANK) on CUDA, made the current one."""
     if name == "cuda" and world.distributed:
         if torch.cuda.device_count() < world.local_size:
             raise ConfigError(f"{world.local_size} processes per node but {torch.cuda.device_count()} CUDA "
@@ -219,24 +251,47 @@ def threads_per_process(world: World) -> int:
     return max(1, cores // world.local_size)
 
 
-def join(device_name: str, backend: str) -> World:
-    """Join the process group torchrun describes (environment variables), or make the world of one."""
-    if not launched_by_torchrun():
-        return SINGLE
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                  int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+def resolve_backend(backend: str, device_name: str) -> str:
+    """``auto``: NCCL between GPUs, gloo between CPU processes."""
     if backend == "auto":
-        backend = "nccl" if device_name == "cuda" else "gloo"
+        return "nccl" if device_name == "cuda" else "gloo"
+    return backend
+
+
+def group_options(backend: str, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``init_process_group`` beyond rank and size. NCCL is given this process's
+    GPU (``device_id``): without it NCCL guesses the GPU from the global rank at the first collective,
+    which is wrong when a node runs fewer processes than it has GPUs or ranks are not mapped by node."""
+    options: dict[str, Any] = {"backend": backend, "timeout": TIMEOUT}
+    if backend == "nccl":
+        options["device_id"] = device
+    return options
+
+
+def torchrun_world() -> World:
+    """This process's place as torchrun's environment variables describe it."""
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+
+
+def join(device_name: str, backend: str) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (environment variables), or make the world of one;
+    returns it with this process's device, which is chosen (and on CUDA made current) first."""
+    if not launched_by_torchrun():
+        return SINGLE, torch.device(device_name)
+    world = torchrun_world()
+    device = process_device(device_name, world)
     if not dist.is_initialized():
         store, rank, size = next(dist.rendezvous("env://"))
         # torchrun keeps one store across restarts: without a per-attempt prefix, a restarted
         # process can read the address a killed one published and fail to connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                                world_size=size, timeout=TIMEOUT)
+        dist.init_process_group(store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank, world_size=size,
+                                **group_options(resolve_backend(backend, device_name), device))
+    world = dataclasses.replace(world, control=dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
     if device_name == "cpu":
         torch.set_num_threads(threads_per_process(world))
-    return world
+    return world, device
 
 
 def leave(world: World) -> None:

@@ -41,7 +41,8 @@ from synthetic import decoded_set, set_labels
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
               "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision", "eval_batched", "compile", "memory_format", "dist_backend")
+              "test_fraction", "precision", "eval_batched", "compile", "memory_format", "dist_backend",
+              "deterministic")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The speed settings of a run, resolved once for its device: precision, compile, layout, stacked evaluation.
+"""The speed settings of a run, resolved once for its device: precision, compile, layout, stacked evaluation,
+and whether kernels must be deterministic.
 
 None of them changes what is computed beyond rounding (tests/test_fast_paths.py
 bounds each). Every ``auto`` rule below follows bench measurements
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from compiled import compile_network, compiler_found
-from precision import cpu_has_amx_units, resolve_precision
+from precision import cpu_has_amx_units, resolve_precision, set_cuda_math, use_deterministic_algorithms
 
 SWITCHES = ("auto", "on", "off")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -56,17 +57,27 @@ def resolve_channels_last(name: str) -> bool:
 class FastPaths:
     """How the networks of a run execute; the same everywhere a network is built or run."""
 
-    precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32)
+    precision: torch.dtype | None = None  # autocast dtype of the forwards (None: fp32, or tf32 below)
     compiled: bool = False  # torch.compile each network trained one after another
     channels_last: bool = False  # network weights (hence activations) in NHWC layout
     eval_stacked: bool = False  # train the evaluation networks of one model together (vmap)
+    tf32: bool = False  # CUDA: fp32 convolutions and matmuls in TensorFloat-32
+    deterministic: bool = False  # deterministic kernels where PyTorch has them
 
     @classmethod
     def resolve(cls, device: torch.device, *, precision: str, compile: str, memory_format: str,
-                eval_batched: str, long_run: bool) -> FastPaths:
+                eval_batched: str, long_run: bool, deterministic: bool = False) -> FastPaths:
         dtype = resolve_precision(precision, device)
         compiled = resolve_compile(compile, device, dtype, long_run)
-        return cls(dtype, compiled, resolve_channels_last(memory_format), resolve_eval_batched(eval_batched, device))
+        return cls(dtype, compiled, resolve_channels_last(memory_format), resolve_eval_batched(eval_batched, device),
+                   tf32=precision == "tf32", deterministic=deterministic)
+
+    def configure_process(self, device: torch.device) -> None:
+        """Set the process-wide math these paths imply: on CUDA, TF32 only for tf32 and cuDNN's
+        algorithm search unless deterministic; everywhere, deterministic kernels when asked."""
+        if device.type == "cuda":
+            set_cuda_math(self.tf32, self.deterministic)
+        use_deterministic_algorithms(self.deterministic)
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` in the chosen layout, compiled if chosen (stacked networks are run functionally instead)."""
@@ -76,5 +87,13 @@ class FastPaths:
 
     def record(self) -> dict[str, Any]:
         """How the numbers were computed, for results.json (``auto`` resolves differently between machines)."""
-        return {"precision": "fp32" if self.precision is None else "bf16", "eval_stacked": self.eval_stacked,
-                "compiled": self.compiled, "memory_format": "channels_last" if self.channels_last else "contiguous"}
+        return {"precision": self.precision_name, "eval_stacked": self.eval_stacked, "compiled": self.compiled,
+                "memory_format": "channels_last" if self.channels_last else "contiguous",
+                "deterministic": self.deterministic}
+
+    @property
+    def precision_name(self) -> str:
+        """What ran: fp32 (IEEE, TF32 off on CUDA), tf32 or bf16."""
+        if self.precision is not None:
+            return "bf16"
+        return "tf32" if self.tf32 else "fp32"

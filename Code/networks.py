@@ -114,16 +114,23 @@ class _HalveByAveraging(torch.autograd.Function):
 
 
 class AvgPool2x2(nn.AvgPool2d):
-    """``nn.AvgPool2d(2, stride=2)``, computed by ``_HalveByAveraging`` where that applies (even sides,
-    contiguous NCHW); elsewhere (odd sides, channels-last) by PyTorch's kernel."""
+    """``nn.AvgPool2d(2, stride=2)``, computed by ``_HalveByAveraging`` where that pays: CPU tensors of
+    even sides in contiguous NCHW. Elsewhere PyTorch's kernel runs: on odd sides and channels-last,
+    and on GPUs, whose pooling kernel reads the input once where the two passes here launch four
+    kernels and write an intermediate half the input's size."""
 
     def __init__(self) -> None:
         super().__init__(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 2 or x.shape[-2] % 2 or not x.is_contiguous():
-            return super().forward(x)
-        return _HalveByAveraging.apply(x)
+        if halving_applies(x):
+            return _HalveByAveraging.apply(x)
+        return super().forward(x)
+
+
+def halving_applies(x: torch.Tensor) -> bool:
+    """Whether ``AvgPool2x2`` computes ``x``'s pooling with ``_HalveByAveraging``."""
+    return x.device.type == "cpu" and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 and x.is_contiguous()
 
 
 _POOLS: dict[str, Callable[[], list[nn.Module]]] = {

@@ -19,7 +19,7 @@ from config import (Config, below_published, departures_from_reference, resolve_
                     validate_against_data)
 from data import DataOptions, Dataset, get_dataset
 from distill import Experiment
-from distributed import World, join, leave, process_device
+from distributed import World, join, leave
 from errors import ConfigError, Interrupted
 from evaluation import summarize
 from evaluation_points import BestOnTest
@@ -95,9 +95,7 @@ def print_summary(results: dict[str, Any]) -> None:
 
 def join_processes(config: Config) -> tuple[World, torch.device]:
     """This process's world (torchrun's, or the world of one) and its device."""
-    device = resolve_device(config.device)
-    world = join(device.type, config.dist_backend)
-    return world, process_device(device.type, world)
+    return join(resolve_device(config.device).type, config.dist_backend)
 
 
 def refuse_for_world(config: Config, world: World) -> None:

@@ -55,22 +55,27 @@ class RealSampler:
 
 @dataclass
 class AccuracyMeter:
-    """A pool net's training accuracy since the last reset, as a device tensor."""
+    """A pool net's training accuracy since the last reset: correct predictions and images seen, both
+    device tensors, so that neither training nor sharing a net waits on the device."""
 
     correct: torch.Tensor
-    count: int = 0
+    count: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.count is None:
+            self.count = torch.zeros_like(self.correct)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.correct = self.correct + (logits.argmax(dim=1) == labels).sum()
-        self.count += labels.numel()
+        self.count = self.count + labels.numel()
 
     def percent(self) -> torch.Tensor:
         """Accuracy in percent, 0 when the meter has seen nothing (as the reference)."""
-        return self.correct * (100.0 / self.count) if self.count else torch.zeros_like(self.correct, dtype=torch.float)
+        return self.correct * 100.0 / self.count.clamp(min=1)
 
     def reset(self) -> None:
         self.correct = torch.zeros_like(self.correct)
-        self.count = 0
+        self.count = torch.zeros_like(self.count)
 
 
 @dataclass
@@ -166,9 +171,7 @@ class NetPool:
             for param in entry.net.parameters():
                 state[param].setdefault("momentum_buffer", torch.zeros_like(param))
                 tensors.append(state[param]["momentum_buffer"])
-        count = torch.tensor([entry.meter.count], device=self.device)
-        self.world.broadcast_([*tensors, entry.meter.correct, count], trainer)
-        entry.meter.count = int(count.item())
+        self.world.broadcast_([*tensors, entry.meter.correct, entry.meter.count], trainer)
 
     def check_replicas(self, iteration: int) -> None:
         """Stop if the processes' pools differ (``--check_replicas``): they must be identical."""
@@ -196,7 +199,8 @@ class NetPool:
             entry = self._new_net()
             entry.net.load_state_dict(saved["net"])
             entry.optimizer.load_state_dict(saved["optimizer"])
-            entry.meter.correct, entry.meter.count = saved["correct"].to(self.device), saved["count"]
+            entry.meter.correct = saved["correct"].to(self.device)
+            entry.meter.count = torch.as_tensor(saved["count"], device=self.device)  # an int in older checkpoints
             self.nets.append(entry)
         self.init_generator.set_state(state["init_generator"])
         self.pick_generator.set_state(state["pick_generator"])

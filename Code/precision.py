@@ -7,6 +7,11 @@ convolutions are emulated: a 128-channel ConvNet layer measured 65x slower
 than fp32 on such a machine, so ``auto`` keeps fp32 there. Losses, the
 softmax/clip term and all optimiser state stay fp32 whatever runs the
 convolutions (losses.py casts the features, parameters stay fp32).
+
+On CUDA, fp32 means IEEE fp32: PyTorch lets cuDNN run fp32 convolutions in
+TensorFloat-32 (10-bit mantissa) by default on Ampere and later, so a run
+labelled fp32 would not be one, and bounds derived for fp32 would not hold.
+``tf32`` is its own choice, for CUDA only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import ContextManager
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "auto")
+from errors import ConfigError
+
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) that exclude its bf16 instructions.
 ISA_CAPS_WITHOUT_BF16 = frozenset({"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core",
@@ -54,13 +61,38 @@ def cpu_has_amx_units() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``name`` on ``device``; None means plain fp32."""
-    if name == "fp32":
+    """The autocast dtype for ``name`` on ``device``; None means no autocast (fp32 or tf32)."""
+    if name in ("fp32", "tf32"):
+        if name == "tf32" and device.type != "cuda":
+            raise ConfigError("--precision tf32 is CUDA's TensorFloat-32 and this run is on the CPU; use fp32 "
+                              "or bf16")
         return None
     if name == "bf16":
         return torch.bfloat16
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16_units()
     return torch.bfloat16 if fast else None
+
+
+def set_cuda_math(tf32: bool, deterministic: bool) -> None:
+    """Process-wide CUDA settings of a run: TensorFloat-32 for fp32 convolutions and matmuls only when
+    asked, cuDNN's per-shape algorithm search (``benchmark``: the shapes of a run are fixed) unless
+    deterministic algorithms are asked for, which also turns off cuBLAS's split reductions. The
+    legacy flags are the ones set: inductor reads them, and mixing them with the newer
+    ``fp32_precision`` settings is an error in PyTorch."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+
+
+def use_deterministic_algorithms(on: bool) -> None:
+    """``--deterministic``: PyTorch's deterministic kernels wherever it has them, on any device. Where
+    it has none (on CUDA: the backward of grid_sample and of interpolate, which DSA's scale and
+    rotate and the mosaic decoding use, and of adaptive average pooling) it warns and runs the usual
+    kernel, whose atomic additions round differently from run to run."""
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[None]:

@@ -52,9 +52,17 @@ def get_default_convnet_setting() -> tuple[int, int, str, str, str]:
     return 128, 3, "relu", "instancenorm", "avgpooling"
 
 
+def default_generator(device: torch.device) -> torch.Generator:
+    """torch's own generator of ``device``; a CUDA device without an index is the current one (under
+    torchrun, rank k's ``cuda:k``), not the first."""
+    if device.type != "cuda":
+        return torch.default_generator
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
+
+
 def _unseeded_dsa(strategy: str, param: ParamDiffAug | None, device: torch.device) -> DSA:
-    default = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[device.index or 0]
-    return DSA(strategy, torch.default_generator, default, param or ParamDiffAug())
+    return DSA(strategy, torch.default_generator, default_generator(device), param or ParamDiffAug())
 
 
 def DiffAugment(x: torch.Tensor, strategy: str = "", seed: int = -1, param: ParamDiffAug | None = None) -> torch.Tensor:
@@ -108,8 +116,8 @@ def evaluate_synset(it_eval: int, net: nn.Module, images_train: torch.Tensor, la
     images, labels = images_train.to(device).float(), labels_train.to(device).long()
     param = getattr(args, "dsa_param", None) or ParamDiffAug()
     protocol = EvalProtocol(int(args.epoch_eval_train), int(args.batch_train), float(args.lr_net), args.dsa_strategy, param)
-    order = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[device.index or 0]
-    train_on_set(net, images, labels, protocol, order, _unseeded_dsa(args.dsa_strategy, param, device))
+    dsa = _unseeded_dsa(args.dsa_strategy, param, device)
+    train_on_set(net, images, labels, protocol, default_generator(device), dsa)
     criterion = nn.CrossEntropyLoss()
     loss_train, acc_train = epoch("test", DataLoader(TensorDataset(images, labels), batch_size=256), net, None,
                                   criterion, args, aug=False)

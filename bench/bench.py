@@ -65,8 +65,8 @@ from cli import resolve_config  # noqa: E402
 from config import Config, resolve_device, resolve_fast_paths  # noqa: E402
 from data import Dataset  # noqa: E402
 from data.splits import make_dataset  # noqa: E402
-from distill import Experiment  # noqa: E402
-from distributed import SINGLE, join, launched_by_torchrun, process_device  # noqa: E402
+from distill import Experiment, NoCheckpoints  # noqa: E402
+from distributed import join  # noqa: E402
 from errors import exit_code_of  # noqa: E402
 from evaluation import EvalNet, EvalProtocol, test_accuracy, train_on_set, train_together  # noqa: E402
 from evaluation_points import BestOnTest  # noqa: E402
@@ -75,7 +75,7 @@ from methods import get_method  # noqa: E402
 from networks import get_network  # noqa: E402
 from outputs import RunDirectory  # noqa: E402
 from pipeline import load_dataset  # noqa: E402
-from precision import autocast, cpu_flags, cpu_has_bf16_units  # noqa: E402
+from precision import PRECISIONS, autocast, cpu_flags, cpu_has_bf16_units  # noqa: E402
 from runtime import keep_freed_memory  # noqa: E402
 
 
@@ -88,6 +88,7 @@ class SpeedPath(NamedTuple):
 
 
 PLAIN = SpeedPath("fp32", "off", "contiguous")
+PHASES = ("real_forward", "synthetic", "pool_training")  # the loop's timed phases (Experiment.timer)
 
 
 def synchronize(device: torch.device) -> None:
@@ -96,19 +97,37 @@ def synchronize(device: torch.device) -> None:
 
 
 class PhaseTimer:
-    """Wall time per named phase; synchronises the device at phase edges (for measurement only)."""
+    """Seconds per named phase, three ways (the device is synchronised at phase edges, for measurement
+    only): ``seconds``, the wall time to the end of the phase's work; ``host``, the time until its
+    last launch returned; ``device``, on CUDA, the GPU's span from its first to its last kernel (CUDA
+    events). Host close to wall: the GPU waited on Python (host-bound); host well below wall: the
+    host waited on the GPU (device-bound). A host sync inside a phase counts as host time."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.host: dict[str, float] = defaultdict(float)
+        self.on_device: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         synchronize(self.device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.device.type == "cuda" else None
         start = time.perf_counter()
+        if events:
+            events[0].record()
         yield
+        if events:
+            events[1].record()
+        self.host[phase] += time.perf_counter() - start
         synchronize(self.device)
         self.seconds[phase] += time.perf_counter() - start
+        if events:
+            self.on_device[phase] += events[0].elapsed_time(events[1]) / 1000
+
+    def clear(self) -> None:
+        for times in (self.seconds, self.host, self.on_device):
+            times.clear()
 
 
 def forward_flops_per_image(experiment: Experiment) -> float:
@@ -178,26 +197,43 @@ def peak_tflops(device: torch.device, precision: torch.dtype | None) -> dict[str
 
 
 def time_iterations(experiment: Experiment, iterations: int,
-                    device: torch.device) -> tuple[float, list[float], dict[str, float]]:
+                    device: torch.device) -> tuple[float, list[float], dict[str, dict[str, float]]]:
     """Time a warm-up iteration (first-call costs, compiling) and ``iterations`` more, with the
-    loop's own phase timer attached; returns the warm-up, the timed totals and median phases."""
+    loop's own phase timer attached; returns the warm-up, the timed totals and, per phase, the
+    median wall, host and (CUDA) device seconds (``PhaseTimer``)."""
     experiment.step.start()
     timer = PhaseTimer(device)
-    totals, phases = [], defaultdict(list)
+    totals, phases = [], defaultdict(lambda: defaultdict(list))
     for it in range(iterations + 1):
         experiment.timer = timer
-        timer.seconds.clear()
+        timer.clear()
         synchronize(device)
         start = time.perf_counter()
         experiment.step.iteration(it)
+        experiment.end_iteration(NoCheckpoints(), it + 1)
         synchronize(device)
         total = time.perf_counter() - start
         totals.append(total)
         if it > 0:
-            for phase in ("real_forward", "synthetic", "pool_training"):
-                phases[phase].append(timer.seconds[phase])
-            phases["other"].append(total - sum(timer.seconds.values()))
-    return totals[0], totals[1:], {name: statistics.median(values) for name, values in phases.items()}
+            for phase in PHASES:
+                phases["wall"][phase].append(timer.seconds[phase])
+                phases["host"][phase].append(timer.host[phase])
+                if device.type == "cuda":
+                    phases["device"][phase].append(timer.on_device[phase])
+            phases["wall"]["other"].append(total - sum(timer.seconds.values()))
+    medians = {kind: {name: statistics.median(values) for name, values in times.items()}
+               for kind, times in phases.items()}
+    return totals[0], totals[1:], medians
+
+
+def host_bound(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per timed phase: wall, host and (CUDA) device seconds, and the host's share of the wall time
+    (near 1: host-bound; well below: device-bound)."""
+    return {phase: {"wall_s": round(phases["wall"][phase], 4), "host_s": round(phases["host"][phase], 4),
+                    "device_s": round(phases["device"][phase], 4) if "device" in phases else None,
+                    "host_share": round(phases["host"][phase] / phases["wall"][phase], 3)
+                    if phases["wall"][phase] > 0 else None}
+            for phase in PHASES}
 
 
 def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bool, device: torch.device) -> float:
@@ -248,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
     parser.add_argument("--eval_epochs", type=int, default=3, help="timed evaluation epochs (after one warm-up)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile the networks (auto: the run's rule, see the scripts' --help)")
     parser.add_argument("--memory_format", default="auto", choices=("auto", "contiguous", "channels_last"))
@@ -344,9 +380,10 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
         "dataset": dataset.name, "classes": dataset.num_classes, "ipc": args.ipc,
         "config": f"published defaults for {args.dataset} IPC {args.ipc}",
         "class_steps": config.class_steps, "class_chunks": len(experiment.layout.chunks),
-        "s_per_image_phase": round(seconds - phases["pool_training"], 3),
+        "s_per_image_phase": round(seconds - phases["wall"]["pool_training"], 3),
         "s_per_iteration": round(seconds, 3), "s_per_eval_epoch": round(eval_epoch, 4),
-        "phases": {name: round(value, 3) for name, value in phases.items()},
+        "phases": {name: round(value, 3) for name, value in phases["wall"].items()},
+        "phases_host_bound": host_bound(phases),
         "stacked_eval": None if stacked_epoch is None else {
             "nets": args.stacked_nets, "s_per_epoch": round(stacked_epoch, 3),
             "peak_memory_mb": round(peak_memory_mb(device)),
@@ -363,7 +400,7 @@ def measure(args: argparse.Namespace, path: SpeedPath) -> dict[str, Any]:
         "avx512": "avx512f" in cpu_flags() if device.type == "cpu" else None,
         "bf16_units": cpu_has_bf16_units() if device.type == "cpu" else torch.cuda.is_bf16_supported(),
         "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "precision": "bf16" if experiment.fast.precision is not None else "fp32",
+        "precision": experiment.fast.precision_name, "deterministic": experiment.fast.deterministic,
     }
 
 
@@ -396,9 +433,8 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
     the work, and the payload bytes its collectives moved per iteration."""
     config = published_config(args, chosen_path(args))
     device_type = resolve_device(config.device).type
-    world = join(device_type, config.dist_backend) if launched_by_torchrun() else SINGLE
+    world, device = join(device_type, config.dist_backend)
     torch.set_num_threads(args.threads)
-    device = process_device(device_type, world)
     with world.main_first():
         dataset = load_dataset(config, device)
     with tempfile.TemporaryDirectory() as scratch:
@@ -406,9 +442,11 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
                                 BestOnTest(), world)
         _, totals, phases = time_iterations(experiment, args.iterations, device)
         traffic = {name: round(size / (args.iterations + 1)) for name, size in world.traffic.items()}
+        calls = {name: count / (args.iterations + 1) for name, count in world.calls.items()}
         eval_epoch, eval_test = time_evaluation_point(experiment, args.eval_epochs, device)
-    mine = {"iteration": statistics.median(totals), "pool_training": phases["pool_training"],
-            "image_updates": statistics.median(totals) - phases["pool_training"], "evaluation_epoch": eval_epoch,
+    pool_training = phases["wall"]["pool_training"]
+    mine = {"iteration": statistics.median(totals), "pool_training": pool_training,
+            "image_updates": statistics.median(totals) - pool_training, "evaluation_epoch": eval_epoch,
             "evaluation_test": eval_test}
     everyone = world.gather_objects(mine)
     if not world.is_main:
@@ -421,8 +459,9 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
             "classes": [len(experiment.layout.classes(rank)) for rank in range(world.size)],
             "pool_nets_trained": [len(range(rank, config.fetch_net_num, world.size)) for rank in range(world.size)],
             "eval_nets": [len(range(rank, config.num_eval, world.size)) for rank in range(world.size)]},
-        "collective_bytes_per_iteration": traffic, "device_name": cpu_name() if device.type == "cpu" else
-        torch.cuda.get_device_name(device), "torch_version": torch.__version__,
+        "collective_bytes_per_iteration": traffic, "collectives_per_iteration": calls,
+        "device_name": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch_version": torch.__version__,
     }
 
 

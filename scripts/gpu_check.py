@@ -2,7 +2,10 @@
 
 The CUDA defaults differ from the CPU ones: ``--precision auto`` is bf16
 autocast, ``--eval_batched auto`` trains the evaluation networks together
-(vmap), the real-batch and DSA generators live on the GPU. The test suite runs
+(vmap), the real-batch and DSA generators live on the GPU. Beyond those, the
+checks cover the CIFAR shape (3 channels, 32x32), channels-last, ZCA, the
+six architectures of ``--eval_mode M``, a bit-exact resume and, with two GPUs,
+two NCCL processes against one. The test suite runs
 on CPUs only, so these paths are checked here, through the project's own entry
 points as a user runs them, on real Fashion-MNIST with tiny budgets (a few
 minutes in all on one GPU). Each check prints one line, ``ok`` or ``FAILED``
@@ -48,6 +51,10 @@ class CheckFailed(Exception):
     """A check's reason for failing, printed on its line."""
 
 
+class CheckSkipped(Exception):
+    """Why a check cannot run on this machine (e.g. one GPU for a two-GPU check), printed on its line."""
+
+
 @dataclass
 class Context:
     """What every check shares: the interpreter, a scratch directory and the device flags."""
@@ -58,6 +65,7 @@ class Context:
     rehearsal: bool
     timeout_s: float
     sets: dict[str, Path] = field(default_factory=dict)
+    total_s: float = math.inf  # no check starts once this much time has passed
 
     @property
     def device(self) -> str:
@@ -78,12 +86,14 @@ def one_line(text: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def run_process(context: Context, script: Path, args: Sequence[str]) -> subprocess.CompletedProcess:
-    """Run a project script as a user would (from Code/); a non-zero exit fails the check."""
-    command = [context.python, str(script), *args]
+def run_process(context: Context, script: Path, args: Sequence[str], launcher: Sequence[str] | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a project script as a user would (from Code/), with ``launcher`` (torchrun) and ``env``
+    added to the environment if given; a non-zero exit fails the check."""
+    command = [*(launcher or [context.python]), str(script), *args]
     try:
         done = subprocess.run(command, cwd=CODE, capture_output=True, text=True, timeout=context.timeout_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     except subprocess.TimeoutExpired:
         raise CheckFailed(f"{script.name} ran past {context.timeout_s:.0f} s") from None
     if done.returncode != 0:
@@ -169,10 +179,13 @@ def records(context: Context, name: str) -> list[tuple[str, int]]:
 
 
 def check_resume(context: Context) -> str:
-    """SIGKILL mid-run, then --resume: every record once, and the set as close to an uninterrupted
-    run's as two uninterrupted runs are to each other (CUDA kernels with atomics are not bit-exact)."""
+    """SIGKILL mid-run, then --resume: every record once, and the set bit-identical to an uninterrupted
+    run's. The runs ask for deterministic kernels and use only DSA ops that have them on CUDA, without
+    mosaics (grid_sample's and interpolate's backward accumulate with atomics); two uninterrupted runs
+    tell a nondeterministic kernel from a resume that lost state."""
     longer = ["--Iteration", str(RESUME_ITERATIONS), "--eval_interval", str(RESUME_ITERATIONS // 2),
-              "--checkpoint_every", "1", *context.defaults_flags()]
+              "--checkpoint_every", "1", "--deterministic", "--dsa_strategy", "color_crop_cutout_flip", "--no-aug",
+              *context.defaults_flags()]
     for name in ("whole-a", "whole-b"):
         distil(context, "bacon", name, *longer)
     stderr = context.work / "killed.stderr"
@@ -193,11 +206,13 @@ def check_resume(context: Context) -> str:
         raise CheckFailed("the resumed run's metrics.jsonl does not hold every record exactly once")
     noise = (final_set(context, "whole-a") - final_set(context, "whole-b")).abs().max().item()
     resumed = (final_set(context, "killed") - final_set(context, "whole-a")).abs().max().item()
-    if not resumed <= 10 * noise + 1e-5:
-        raise CheckFailed(f"the resumed set differs from an uninterrupted one by {resumed:.2e}, two "
-                          f"uninterrupted runs by {noise:.2e}")
-    exact = "bit-identical" if resumed == 0 else f"within {resumed:.1e} (two whole runs: {noise:.1e})"
-    return f"killed after iteration {KILL_AFTER} and resumed: {exact}"
+    if noise:
+        raise CheckFailed(f"two uninterrupted --deterministic runs differ by {noise:.2e}: a kernel without a "
+                          f"deterministic version ran (the resumed set differs by {resumed:.2e})")
+    if resumed:
+        raise CheckFailed(f"the resumed set differs from an uninterrupted one by {resumed:.2e}, and two "
+                          "uninterrupted runs are bit-identical")
+    return f"killed after iteration {KILL_AFTER} and resumed: bit-identical, like two uninterrupted runs"
 
 
 def check_evaluate(context: Context) -> str:
@@ -224,24 +239,111 @@ def check_bench(context: Context) -> str:
             f"epoch, efficiency {chosen['efficiency']} on {chosen['device_name']} ({chosen['precision']})")
 
 
+def check_two_processes(context: Context) -> str:
+    """torchrun over 2 GPUs (NCCL; 2 CPU processes on gloo in a rehearsal), --check_replicas: the same
+    results and sets as one process, bit for bit (deterministic kernels, as in ``check_resume``)."""
+    if not context.rehearsal and torch.cuda.device_count() < 2:
+        raise CheckSkipped(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    flags = ["--deterministic", "--dsa_strategy", "color_crop_cutout_flip", "--no-aug", *context.defaults_flags()]
+    # CPU convolutions sum in another order with another thread count: one thread per process there
+    threads = {"OMP_NUM_THREADS": "1"} if context.rehearsal else None
+    run_process(context, CODE / "BACON_mnist.py", distil_args(context, "bacon", "one-process", *flags), env=threads)
+    one = json.loads((context.work / "one-process" / "results.json").read_text())
+    torchrun = [context.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_process(context, CODE / "BACON_mnist.py", distil_args(context, "bacon", "two-processes", *flags,
+                                                              "--check_replicas"), launcher=torchrun, env=threads)
+    two = json.loads((context.work / "two-processes" / "results.json").read_text())
+    if (two.get("processes"), two["final"]) != (2, one["final"]):
+        raise CheckFailed(f"2 processes reached {two['final']} ({two.get('processes')} processes), one process "
+                          f"{one['final']}")
+    differs = (torch.load(context.work / "two-processes" / "sets" / FINAL_SET, weights_only=True)["images"]
+               - torch.load(context.work / "one-process" / "sets" / FINAL_SET, weights_only=True)["images"])
+    if differs.abs().max().item():
+        raise CheckFailed(f"the 2-process set differs from the 1-process one by {differs.abs().max().item():.2e}")
+    backend = "gloo" if context.rehearsal else "NCCL"
+    return f"2 processes ({backend}) equal one process: accuracies and the final set, bit for bit"
+
+
+def write_cifar_like(root: Path, classes: int = 10, per_class: int = 12, side: int = 32) -> Path:
+    """DIR/train/<class>/*.png: 3-channel images of one colour per class plus noise, CIFAR's shape."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        folder = root / "train" / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = torch.randint(0, 256, (3,), generator=generator)
+        for i in range(per_class):
+            noise = torch.randint(-40, 41, (side, side, 3), generator=generator)
+            pixels = (colour + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def check_cifar_shape(context: Context) -> str:
+    """3 channels at 32x32, the CIFAR and SVHN shape, through BACON_cifar.py on a generated folder."""
+    folder = write_cifar_like(context.work / "cifar-like-data")
+    tiny = [*TINY_RUN]
+    tiny[tiny.index("FashionMNIST")] = "ImageFolder"
+    run_process(context, CODE / "BACON_cifar.py", [*tiny, "--method", "bacon", "--data_path", str(folder), "--im_size",
+                                                   "32", *context.defaults_flags(), "--save_path", str(context.work),
+                                                   "--run_name", "cifar-like"])
+    return expect_results(json.loads((context.work / "cifar-like" / "results.json").read_text()), context, "bf16",
+                          stacked=True)
+
+
+def check_flagged(name: str, *flags: str) -> Callable[[Context], str]:
+    """A tiny default run with ``flags`` added (a layout, ZCA)."""
+    def check(context: Context) -> str:
+        return expect_results(distil(context, "bacon", name, *context.defaults_flags(), *flags), context, "bf16",
+                              stacked=True)
+    return check
+
+
+def check_eval_mode_m(context: Context) -> str:
+    """evaluate.py over the six architectures of --eval_mode M, stacked where they allow it."""
+    set_file = context.sets.get("bacon")
+    if set_file is None or not set_file.is_file():
+        raise CheckFailed("needs the set saved by defaults-bacon, which did not run or failed")
+    run_process(context, CODE / "evaluate.py", [str(set_file), *context.data_flags(), *context.defaults_flags(),
+                                                "--eval_mode", "M", "--num_eval", "2", "--epoch_eval_train", "2",
+                                                "--save_path", str(context.work), "--run_name", "evaluated-M"])
+    final = json.loads((context.work / "evaluated-M" / "results.json").read_text())["final"]
+    return ", ".join(f"{model} {stats['mean']:.1f} %" for model, stats in final.items())
+
+
 CHECKS: dict[str, Callable[[Context], str]] = {
     **{f"defaults-{method}": check_defaults(method) for method in METHODS},
     **{f"fp32-sequential-{method}": check_fp32_sequential(method) for method in METHODS},
     "resume": check_resume,
     "compile": check_compile,
     "evaluate": check_evaluate,
+    "eval-mode-M": check_eval_mode_m,
+    "cifar-shape": check_cifar_shape,
+    "channels-last": check_flagged("channels-last", "--memory_format", "channels_last"),
+    "zca": check_flagged("zca", "--zca"),
+    "two-processes": check_two_processes,
     "bench": check_bench,
 }
 
 
 def run_checks(checks: dict[str, Callable[[Context], str]], context: Context, out=print) -> int:
-    """Run every check, one line each; 0 if all passed, else 1."""
+    """Run every check, one line each, then the total; 0 if none failed, else 1. Checks that would start
+    after ``context.total_s`` are reported as not run, and count as failed."""
     failed = 0
     width = max(map(len, checks))
+    started_all = time.perf_counter()
     for name, check in checks.items():
         started = time.perf_counter()
+        if started - started_all >= context.total_s:
+            failed += 1
+            out(f"FAILED  {name:<{width}}  not run: the total limit of {context.total_s:.0f} s was reached")
+            continue
         try:
             detail = check(context)
+        except CheckSkipped as reason:
+            out(f"skipped {name:<{width}}  {reason}")
+            continue
         except CheckFailed as reason:
             failed += 1
             out(f"FAILED  {name:<{width}}  {reason}")
@@ -251,7 +353,8 @@ def run_checks(checks: dict[str, Callable[[Context], str]], context: Context, ou
             out(f"FAILED  {name:<{width}}  harness error {type(error).__name__}: {error}")
             continue
         out(f"ok      {name:<{width}}  {detail} ({time.perf_counter() - started:.0f} s)")
-    out(f"{len(checks) - failed} of {len(checks)} checks passed")
+    out(f"{len(checks) - failed} of {len(checks)} checks passed or were skipped, "
+        f"in {time.perf_counter() - started_all:.0f} s")
     return 1 if failed else 0
 
 
@@ -268,6 +371,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", metavar="DIR", help="write the runs into DIR and keep them (default: a temporary "
                         "directory, removed at the end)")
     parser.add_argument("--timeout_s", type=float, default=300.0, help="limit for each process (default 300)")
+    parser.add_argument("--total_s", type=float, default=1200.0, help="no check starts after this many seconds "
+                        "(default 1200); those left are reported as not run")
     parser.add_argument("--list", action="store_true", help="print the checks and exit")
     parser.add_argument("--rehearse_on_cpu", action="store_true",
                         help="run the checks on the CPU with the CUDA defaults asked for by name (tests this "
@@ -293,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
         work = Path(args.keep) if args.keep else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        context = Context(sys.executable, work, args.data_path, args.rehearse_on_cpu, args.timeout_s)
+        context = Context(sys.executable, work, args.data_path, args.rehearse_on_cpu, args.timeout_s,
+                          total_s=args.total_s)
         where = "the CPU (rehearsal: not a GPU check)" if args.rehearse_on_cpu else torch.cuda.get_device_name(0)
         print(f"gpu_check on {where}, torch {torch.__version__}, runs in {work}", flush=True)
         return run_checks(chosen, context, out=lambda line: print(line, flush=True))

@@ -30,6 +30,8 @@ def test_one_json_line_with_every_figure(measured: subprocess.CompletedProcess) 
     for seconds in ("s_per_iteration", "s_per_eval_epoch", "startup_s", "first_iteration_s"):
         assert record[seconds] > 0, seconds
     assert set(record["phases"]) == {"real_forward", "synthetic", "pool_training", "other"}
+    for phase, split in record["phases_host_bound"].items():  # on a CPU the host does all the work
+        assert split["device_s"] is None and split["host_s"] <= split["wall_s"] and split["host_share"] > 0.99, phase
     assert record["stacked_eval"]["nets"] == 2 and record["stacked_eval"]["s_per_epoch"] > 0
     assert record["achieved_tflops"] > 0 and record["efficiency"] > 0
     peak = record["peak"]
@@ -88,6 +90,8 @@ def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(i
     assert (one["processes"], two["processes"], two["threads_per_process"]) == (1, 2, 1)
     assert two["work_per_process"] == {"classes": [2, 1], "pool_nets_trained": [1, 1], "eval_nets": [3, 2]}
     assert one["collective_bytes_per_iteration"] == {} and two["collective_bytes_per_iteration"]["broadcast"] > 0
+    # per iteration: each of the 2 trained nets in one float32 and one int64 broadcast, one agreement
+    assert two["collectives_per_iteration"] == {"broadcast": 4, "agree": 1}
     assert set(two["speedup_vs_one_process"]) == {"iteration", "pool_training", "image_updates", "evaluation_epoch",
                                                   "evaluation_test"}
 

@@ -41,6 +41,7 @@ def test_list_names_every_cuda_path_the_issue_asks_for() -> None:
     for method in ("bacon", "idm", "dm"):
         assert f"defaults-{method}" in names and f"fp32-sequential-{method}" in names
     assert {"resume", "compile", "evaluate", "bench"} <= set(names)
+    assert {"two-processes", "cifar-shape", "channels-last", "zca", "eval-mode-M"} <= set(names)
 
 
 def test_every_check_gets_one_line_and_any_failure_makes_the_exit_code_1(tmp_path: Path) -> None:
@@ -57,8 +58,21 @@ def test_every_check_gets_one_line_and_any_failure_makes_the_exit_code_1(tmp_pat
     assert lines[0].startswith("ok") and "all good" in lines[0]
     assert lines[1].startswith("FAILED") and lines[1].endswith("BACON_mnist.py exited 1: boom")
     assert lines[2].startswith("FAILED") and "harness error KeyError" in lines[2]
-    assert lines[3] == "1 of 3 checks passed"
+    assert lines[3].startswith("1 of 3 checks passed or were skipped, in ")
     assert gpu_check.run_checks({"fine": lambda context: "ok"}, context, out=lines.append) == 0
+
+
+def test_a_check_this_machine_cannot_run_says_why_and_checks_past_the_total_limit_fail(tmp_path: Path) -> None:
+    def two_gpus(context: gpu_check.Context) -> str:
+        raise gpu_check.CheckSkipped("needs 2 GPUs, 1 visible")
+
+    lines: list[str] = []
+    context = gpu_check.Context(sys.executable, tmp_path, None, rehearsal=True, timeout_s=1)
+    assert gpu_check.run_checks({"two": two_gpus}, context, out=lines.append) == 0
+    assert lines[0].startswith("skipped") and lines[0].endswith("needs 2 GPUs, 1 visible")
+    context.total_s = 0
+    assert gpu_check.run_checks({"late": lambda context: "ok"}, context, out=lines.append) == 1
+    assert lines[2].startswith("FAILED") and "not run: the total limit of 0 s was reached" in lines[2]
 
 
 def results(**changes: object) -> dict:
