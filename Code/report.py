@@ -151,10 +151,9 @@ def score_rows(rows: list[Row]) -> list[ScoreRow]:
     set's protocol and IPC (stored images per class: a mosaic set's decoded images are not
     counted); the full-data control the set's dataset and model, trained for its own epochs (the
     whole training set needs far fewer than a set of a few images). The first matching control in
-    the table's order is used. Round k pairs the k-th
-    evaluation network of the set with the k-th of its random control; the full-data accuracy is
-    the mean of its networks. These results are hard-label evaluations, so the set's hard accuracy
-    is its accuracy."""
+    the table's order is used. Round k pairs the k-th evaluation network of the set with the k-th
+    of its random control; the full-data accuracy is the mean of its networks. These results are
+    hard-label evaluations, so the set's hard accuracy is its accuracy."""
     scored = []
     for row in rows:
         if row.method in CONTROLS:

@@ -45,6 +45,9 @@ TINY_RUN = ["--dataset", "FashionMNIST", "--ipc", "2", "--Iteration", "4", "--ev
             "--model_train_steps", "2", "--log_every", "1"]
 FINAL_SET = "exp0_it000004.pt"
 RESUME_ITERATIONS, KILL_AFTER = 30, 5  # long enough that a GPU is still running when the kill comes
+# Runs that must be bit-exact on CUDA: deterministic kernels, DSA ops that have them there, no mosaics
+# (grid_sample's and interpolate's backward accumulate with atomics).
+BIT_EXACT = ["--deterministic", "--dsa_strategy", "color_crop_cutout_flip", "--no-aug"]
 
 
 class CheckFailed(Exception):
@@ -169,8 +172,9 @@ def wait_for_iteration(run_dir: Path, iteration: int, process: subprocess.Popen,
     raise CheckFailed(f"the run did not reach iteration {iteration} in {timeout_s:.0f} s")
 
 
-def final_set(context: Context, name: str) -> torch.Tensor:
-    return torch.load(context.work / name / "sets" / f"exp0_it{RESUME_ITERATIONS:06d}.pt", weights_only=True)["images"]
+def saved_images(context: Context, name: str, file: str = f"exp0_it{RESUME_ITERATIONS:06d}.pt") -> torch.Tensor:
+    """The images of a set that run ``name`` saved (by default the resume check's last)."""
+    return torch.load(context.work / name / "sets" / file, weights_only=True)["images"]
 
 
 def records(context: Context, name: str) -> list[tuple[str, int]]:
@@ -180,12 +184,10 @@ def records(context: Context, name: str) -> list[tuple[str, int]]:
 
 def check_resume(context: Context) -> str:
     """SIGKILL mid-run, then --resume: every record once, and the set bit-identical to an uninterrupted
-    run's. The runs ask for deterministic kernels and use only DSA ops that have them on CUDA, without
-    mosaics (grid_sample's and interpolate's backward accumulate with atomics); two uninterrupted runs
-    tell a nondeterministic kernel from a resume that lost state."""
+    run's (``BIT_EXACT`` runs); two uninterrupted runs tell a nondeterministic kernel from a resume
+    that lost state."""
     longer = ["--Iteration", str(RESUME_ITERATIONS), "--eval_interval", str(RESUME_ITERATIONS // 2),
-              "--checkpoint_every", "1", "--deterministic", "--dsa_strategy", "color_crop_cutout_flip", "--no-aug",
-              *context.defaults_flags()]
+              "--checkpoint_every", "1", *BIT_EXACT, *context.defaults_flags()]
     for name in ("whole-a", "whole-b"):
         distil(context, "bacon", name, *longer)
     stderr = context.work / "killed.stderr"
@@ -204,8 +206,8 @@ def check_resume(context: Context) -> str:
     run_process(context, CODE / "BACON_mnist.py", ["--resume", str(context.work / "killed")])
     if records(context, "killed") != records(context, "whole-a"):
         raise CheckFailed("the resumed run's metrics.jsonl does not hold every record exactly once")
-    noise = (final_set(context, "whole-a") - final_set(context, "whole-b")).abs().max().item()
-    resumed = (final_set(context, "killed") - final_set(context, "whole-a")).abs().max().item()
+    noise = (saved_images(context, "whole-a") - saved_images(context, "whole-b")).abs().max().item()
+    resumed = (saved_images(context, "killed") - saved_images(context, "whole-a")).abs().max().item()
     if noise:
         raise CheckFailed(f"two uninterrupted --deterministic runs differ by {noise:.2e}: a kernel without a "
                           f"deterministic version ran (the resumed set differs by {resumed:.2e})")
@@ -241,10 +243,10 @@ def check_bench(context: Context) -> str:
 
 def check_two_processes(context: Context) -> str:
     """torchrun over 2 GPUs (NCCL; 2 CPU processes on gloo in a rehearsal), --check_replicas: the same
-    results and sets as one process, bit for bit (deterministic kernels, as in ``check_resume``)."""
+    results and sets as one process, bit for bit (``BIT_EXACT`` runs)."""
     if not context.rehearsal and torch.cuda.device_count() < 2:
         raise CheckSkipped(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
-    flags = ["--deterministic", "--dsa_strategy", "color_crop_cutout_flip", "--no-aug", *context.defaults_flags()]
+    flags = [*BIT_EXACT, *context.defaults_flags()]
     # CPU convolutions sum in another order with another thread count: one thread per process there
     threads = {"OMP_NUM_THREADS": "1"} if context.rehearsal else None
     run_process(context, CODE / "BACON_mnist.py", distil_args(context, "bacon", "one-process", *flags), env=threads)
@@ -256,8 +258,7 @@ def check_two_processes(context: Context) -> str:
     if (two.get("processes"), two["final"]) != (2, one["final"]):
         raise CheckFailed(f"2 processes reached {two['final']} ({two.get('processes')} processes), one process "
                           f"{one['final']}")
-    differs = (torch.load(context.work / "two-processes" / "sets" / FINAL_SET, weights_only=True)["images"]
-               - torch.load(context.work / "one-process" / "sets" / FINAL_SET, weights_only=True)["images"])
+    differs = (saved_images(context, "two-processes", FINAL_SET) - saved_images(context, "one-process", FINAL_SET))
     if differs.abs().max().item():
         raise CheckFailed(f"the 2-process set differs from the 1-process one by {differs.abs().max().item():.2e}")
     backend = "gloo" if context.rehearsal else "NCCL"
