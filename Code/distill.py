@@ -28,7 +28,7 @@ from config import Config, resolve_fast_paths
 from data import Dataset
 from distributed import SINGLE, ClassLayout, World
 from errors import Interrupted
-from evaluation import EvalProtocol
+from evaluation import protocol_of
 from evaluation_points import BestOnTest, EvaluationPoints
 from fast_paths import FastPaths
 from methods import Method
@@ -72,9 +72,7 @@ class Experiment:
         self.fast = fast if fast is not None else resolve_fast_paths(config, device)
         self.pool = NetPool(config, dataset, (index,), device, self.fast, world)
         self.dsa_param = ParamDiffAug(aug_mode=config.dsa_mode)
-        protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
-                                self.dsa_param, self.fast)
-        self.points = EvaluationPoints(config, dataset, run_dir, world, protocol, best, index)
+        self.points = EvaluationPoints(config, dataset, run_dir, world, protocol_of(config, self.fast), best, index)
         self.step = method.step(self)
         self.log = LossLog(world, self.step.classes_per_step)
         self.timer: Callable[[str], ContextManager[None]] = lambda phase: contextlib.nullcontext()

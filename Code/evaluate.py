@@ -2,19 +2,23 @@
 
     python evaluate.py ../results/RUN/sets/exp0_it020000.pt              # a set saved by a run
     python evaluate.py other.pt --dataset CIFAR10 --decode mosaic        # any file of (images, labels) tensors
+    python evaluate.py logged_files/CIFAR10/RUN --dataset CIFAR10 --zca  # MTT/DATM, DC-BENCH, DD-Ranking sets
     python evaluate.py --dataset FashionMNIST --random_real 10           # IPC random real images per class
     python evaluate.py --dataset FashionMNIST --whole_train              # a ConvNet on the whole training set
 
 Each writes ``<save_path>/<run_name>/`` with config.yaml, metrics.jsonl and a
 results.json of the same schema as a distillation run. Files are loaded with
-``torch.load(weights_only=True)``: nothing in them is executed.
+``torch.load(weights_only=True)``: nothing in them is executed. The set formats
+other projects publish are read as set_formats.py describes. MTT sets distilled
+with ZCA (MTT's --zca) need ``--zca``: their files do not say so, and the test
+images must be whitened as theirs were (data/whitening.py, eps 0.1 on [0,1]
+pixels, as MTT's kornia ZCA).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,21 +26,25 @@ from typing import Any, Sequence
 
 import torch
 
-from augment import ParamDiffAug
 from compiled import compile_notice
 from cli import OneLineParser, add_config_flags
 from config import Config, below_published, departures_from_reference, resolve_fast_paths, validate
-from data import Dataset
+from data import Dataset, ImageSplit
 from distributed import leave, reports_errors
 from errors import ConfigError, DataError, exit_code_of
-from evaluation import EvalProtocol, evaluate_set, summarize
+from eval_augment import EVAL_AUGMENTATIONS
+from eval_labels import LABEL_MODES, SOFT_LOSSES, LabelProtocol
+from evaluation import protocol_of, summarize
+from fair_evaluation import (FairEvaluator, FairOptions, draw_random_real, fingerprint, score, shipped_soft_labels,
+                             teacher_record)
 from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
 from pipeline import join_processes, load_dataset, merge_accuracies, results_record, shared_run_directory
-from pool import RealSampler
-from rng import make_generator
 from runtime import keep_freed_memory
-from synthetic import decoded_set, set_labels
+from selection import LR_GRID, VALIDATION_FRACTION
+from set_formats import LoadedSet, fit_to_dataset, load_set_file
+from synthetic import decoded_set
+from teachers import TeacherRecipe, get_teachers, load_teacher
 
 WHOLE_TRAIN_EPOCHS = 20
 EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
@@ -45,19 +53,10 @@ EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "r
               "deterministic")
 
 
-@dataclass
-class LoadedSet:
-    """A set to evaluate: the stored images, their labels and what the file says about them."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    meta: dict[str, Any]
-
-
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     source = parser.add_argument_group("what to evaluate (exactly one)")
-    source.add_argument("set_file", nargs="?", help="a .pt file: a run's set, a reference res_*.pt, or (images, labels)")
+    source.add_argument("set_file", nargs="?", help="a run's set .pt, or another project's set (see set_formats.py)")
     source.add_argument("--random_real", type=int, metavar="IPC", help="IPC random training images per class (seeded)")
     source.add_argument("--whole_train", action="store_true",
                         help=f"the whole training set (default budget {WHOLE_TRAIN_EPOCHS} epochs)")
@@ -65,47 +64,116 @@ def build_parser() -> OneLineParser:
     options.add_argument("--decode", choices=("auto", "mosaic", "none"), default="auto",
                          help="multi-formation decoding: auto = as the file's metadata says (none if it has none)")
     options.add_argument("--experiment", type=int, default=0, help="which experiment of a reference res_*.pt")
+    options.add_argument("--labels", metavar="PATH", help="labels [N] of an images tensor (DD-Ranking input)")
+    options.add_argument("--soft_labels", metavar="PATH", help="soft labels [N, C] (teacher logits) for the set")
     options.add_argument("--models", help="comma-separated models to evaluate (instead of --eval_mode)")
+    add_protocol_flags(parser)
     add_config_flags(parser, EVAL_FLAGS)
     parser.set_defaults(dataset=None, epoch_eval_train=None)
     return parser
 
 
-def _tensor_pair(images: Any, labels: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise DataError(f"{path}: expected an images tensor and a labels tensor, got "
-                        f"{type(images).__name__} and {type(labels).__name__}")
-    return images, labels
+def add_protocol_flags(parser: OneLineParser) -> None:
+    """The fair-evaluation choices (fair_evaluation.py); every default is the reference protocol's."""
+    labels = parser.add_argument_group("labels and augmentation of evaluation training")
+    labels.add_argument("--label_mode", choices=LABEL_MODES, default="hard",
+                        help="hard (the reference), stored (one teacher soft label per image, computed once, or "
+                             "shipped with the set) or teacher (the teacher labels every augmented batch)")
+    labels.add_argument("--soft_loss", choices=SOFT_LOSSES, default="kl",
+                        help="soft-label loss: kl (T^2-scaled), sce (soft cross-entropy) or mse_ce (MSE on logits "
+                             "+ hard CE)")
+    labels.add_argument("--temperature", type=float, default=1.0, help="soft-label temperature T")
+    labels.add_argument("--eval_aug", choices=EVAL_AUGMENTATIONS, default="dsa",
+                        help="augmentation of evaluation training: dsa (the reference), none, cutmix or mixup")
+    teachers = parser.add_argument_group("teachers (soft labels and the full-data control)")
+    teachers.add_argument("--teacher", metavar="PATH[,PATH]", help="saved teacher weights (several: an ensemble) "
+                          "instead of trained, cached teachers")
+    teachers.add_argument("--teacher_model", default="ConvNet", help="the teachers' architecture")
+    teachers.add_argument("--teachers", type=int, default=1, metavar="K", help="ensemble size (logits averaged)")
+    teachers.add_argument("--teacher_epochs", type=int, default=TeacherRecipe.epochs,
+                          help="teacher training epochs (+1, as evaluation counts them)")
+    teachers.add_argument("--teacher_seed", type=int, default=0,
+                          help="seed of the teachers (part of the protocol: the same for every --seed)")
+    teachers.add_argument("--teacher_cache", metavar="DIR", help="where teachers are cached (default: "
+                          "SAVE_PATH/teachers)")
+    fair = parser.add_argument_group("selection, controls and scores")
+    fair.add_argument("--select", choices=("none", "validation"), default="none",
+                      help="none: the protocol's learning rate and last epoch (the reference); validation: both "
+                           "chosen on a validation split of the training data")
+    fair.add_argument("--val_fraction", type=float, default=VALIDATION_FRACTION,
+                      help="share of every training class held out for --select validation")
+    fair.add_argument("--lr_grid", default=",".join(map(str, LR_GRID)),
+                      help="learning rates tried by --select validation (comma-separated), or 'stored': the set's "
+                           "own (MTT's lr_best.pt)")
+    fair.add_argument("--controls", action="store_true",
+                      help="per round also a fresh random real subset of the set's IPC; with the full-data "
+                           "accuracy of the teachers: IOR, HLR and LRS in results.json")
+    fair.add_argument("--ars", action="store_true", help="with --controls, also evaluate without augmentation: ARS")
 
 
-def load_set_file(path: Path, experiment: int = 0) -> LoadedSet:
-    """Read a set without executing anything in the file (weights_only=True)."""
-    if path.is_dir():
-        sets = sorted((path / "sets").glob("exp*_it*.pt"))
-        example = sets[-1] if sets else path / "sets" / "exp0_it000100.pt"
-        raise DataError(f"{path} is a directory; pass one set file, e.g. {example}")
+def fair_options(args: Any, loaded: LoadedSet | None) -> FairOptions:
+    """The protocol choices of the command line, checked (one-line errors)."""
+    if args.ars and not args.controls:
+        raise ConfigError("--ars compares the set with its random controls; add --controls")
+    if args.ars and args.eval_aug == "none":
+        raise ConfigError("--ars compares evaluation with and without augmentation; choose an --eval_aug other "
+                          "than none")
+    if args.controls and args.whole_train:
+        raise ConfigError("--controls scores a set against random real images and the full data; the whole "
+                          "training set is the full data itself, so drop --controls")
+    if args.teachers < 1:
+        raise ConfigError(f"--teachers must be at least 1, got {args.teachers}")
+    grid = lr_grid(args, loaded)
+    return FairOptions(LabelProtocol(args.label_mode, args.soft_loss, args.temperature), args.eval_aug,
+                       args.select == "validation", args.val_fraction, grid, args.controls, args.ars)
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except Exception as error:
-        raise DataError(f"{path} is not a file of plain tensors that can be loaded safely "
-                        f"({type(error).__name__}); re-save it with torch.save((images, labels), PATH) "
-                        "from a session you trust") from None
-    if isinstance(payload, dict) and "images" in payload and "labels" in payload:
-        images, labels = _tensor_pair(payload["images"], payload["labels"], path)
-        meta = payload.get("meta", {})
-        return LoadedSet(images, labels, meta if isinstance(meta, dict) else {})
-    if isinstance(payload, dict) and isinstance(payload.get("data"), list):  # the reference's res_*.pt
-        if not 0 <= experiment < len(payload["data"]):
-            raise ConfigError(f"{path} holds {len(payload['data'])} experiments; --experiment {experiment} is not one")
-        return LoadedSet(*_tensor_pair(*payload["data"][experiment][:2], path), {})
-    if isinstance(payload, (tuple, list)) and len(payload) == 2:
-        return LoadedSet(*_tensor_pair(*payload, path), {})
-    raise DataError(f"{path}: expected a dict with 'images' and 'labels', a reference res_*.pt, or a pair "
-                    f"(images, labels); got {type(payload).__name__}")
+        grid = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        grid = ()
+    if not grid or not all(lr > 0 for lr in grid):
+        raise ConfigError(f"--lr_grid {text!r} must be positive learning rates separated by commas, or 'stored'")
+    return grid
+
+
+def lr_grid(args: Any, loaded: LoadedSet | None) -> tuple[float, ...]:
+    """The learning rates --select tries: the flag's, or the one stored with the set."""
+    if args.lr_grid != "stored":
+        return parse_grid(args.lr_grid)
+    if loaded is None or loaded.lr is None:
+        raise ConfigError("--lr_grid stored needs a set that stores its learning rate (MTT's lr_best.pt); give "
+                          "learning rates instead")
+    return (float(loaded.lr),)
+
+
+def obtain_teacher(args: Any, options: FairOptions, loaded: LoadedSet | None, dataset: Dataset,
+                   device: torch.device) -> tuple[Any, dict[str, Any] | None]:
+    """The teacher the options need (None if none), and where it came from: saved weights given with
+    --teacher, or members trained by the recipe and cached (trained once, then loaded)."""
+    shipped = loaded is not None and loaded.soft_labels is not None
+    needed = options.controls or options.labels.mode == "teacher" or (options.labels.mode == "stored" and not shipped)
+    if not needed:
+        return None, None
+    if args.teacher:
+        return load_teacher(args.teacher, dataset, args.teacher_model, device), {"files": args.teacher}
+    recipe = TeacherRecipe(model=args.teacher_model, epochs=args.teacher_epochs)
+    cache = Path(args.teacher_cache) if args.teacher_cache else Path(args.save_path or Config.save_path) / "teachers"
+    teacher = get_teachers(dataset, recipe, args.teacher_seed, args.teachers, cache, device)
+    return teacher, {"recipe": recipe.record(), "seed": args.teacher_seed}
+
+
+def shipped_labels(source: "Source", count: int, device: torch.device) -> torch.Tensor | None:
+    """Soft labels that came with the set, as logits, one per training image."""
+    soft = source.loaded.soft_labels
+    if soft is None:
+        return None
+    if len(soft) != count:
+        raise DataError(f"the set ships {len(soft)} soft labels but trains on {count} images"
+                        f"{' (decoded mosaics)' if source.decode else ''}; give one soft label per training image, "
+                        "or drop them with --label_mode teacher")
+    return shipped_soft_labels(soft.to(device), source.loaded.meta.get("soft_labels", "logits"))
 
 
 def check_set(loaded: LoadedSet, dataset: Dataset, path: Path) -> None:
@@ -136,15 +204,13 @@ def check_set(loaded: LoadedSet, dataset: Dataset, path: Path) -> None:
         raise DataError(f"{path}: images contain NaN or inf")
 
 
-def random_real_set(dataset: Dataset, ipc: int, seed: int) -> LoadedSet:
-    """IPC distinct random training images per class, drawn from the seed."""
-    if not 1 <= ipc <= min(dataset.train.class_sizes()):
+def random_real_set(dataset: Dataset, ipc: int, seed: int, real: ImageSplit) -> LoadedSet:
+    """IPC distinct random images per class of ``real`` (the training split less any validation
+    split), drawn from the seed."""
+    if not 1 <= ipc <= min(real.class_sizes()):
         raise ConfigError(f"--random_real {ipc} must be between 1 and the smallest class of {dataset.name} "
-                          f"({min(dataset.train.class_sizes())} images)")
-    device = dataset.train.labels.device
-    sampler = RealSampler(dataset.train, make_generator(seed, "random-real", device=device))
-    images = torch.cat([sampler.class_batch(c, ipc) for c in range(dataset.num_classes)])
-    labels = set_labels(range(dataset.num_classes), ipc, device)
+                          f"({min(real.class_sizes())} images outside the validation split)")
+    images, labels = draw_random_real(real, dataset.num_classes, ipc, seed, ("random-real",))
     return LoadedSet(images, labels, {"method": "random_real", "ipc": ipc, "aug": False})
 
 
@@ -193,6 +259,8 @@ def resolve_settings(args: Any, loaded: LoadedSet | None) -> Config:
     if loaded and loaded.meta.get("dataset") not in (None, dataset_name):
         raise ConfigError(f"{args.set_file} was distilled from {loaded.meta['dataset']}, not {dataset_name}; "
                           "drop --dataset or name the right one")
+    if loaded and loaded.meta.get("zca") is True and not args.zca:
+        raise ConfigError(f"{args.set_file} was distilled on ZCA-whitened images; add --zca to whiten the test set too")
     epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (
         WHOLE_TRAIN_EPOCHS if args.whole_train else Config.epoch_eval_train)
     config = Config(**{**{name: getattr(args, name) for name in EVAL_FLAGS}, "dataset": dataset_name,
@@ -201,13 +269,13 @@ def resolve_settings(args: Any, loaded: LoadedSet | None) -> Config:
     return config
 
 
-def choose_source(args: Any, loaded: LoadedSet | None, dataset: Dataset, seed: int) -> Source:
+def choose_source(args: Any, loaded: LoadedSet | None, dataset: Dataset, seed: int, real: ImageSplit) -> Source:
     if loaded is not None:
         check_set(loaded, dataset, Path(args.set_file))
         decode = args.decode == "mosaic" or (args.decode == "auto" and bool(loaded.meta.get("aug")))
         return Source(loaded.meta.get("method", "unknown"), loaded, decode)
     if args.random_real is not None:
-        return Source("random_real", random_real_set(dataset, args.random_real, seed), False)
+        return Source("random_real", random_real_set(dataset, args.random_real, seed, real), False)
     return Source("whole_train", whole_train_set(dataset), False)
 
 
@@ -224,15 +292,23 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse, load, check, evaluate and write results.json; returns the results."""
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
-    loaded = load_set_file(Path(args.set_file), args.experiment) if args.set_file else None
+    loaded = load_set_file(Path(args.set_file), args.experiment, args.labels and Path(args.labels),
+                           args.soft_labels and Path(args.soft_labels)) if args.set_file else None
     config = resolve_settings(args, loaded)
     models = choose_models(args.models, config)
     world, device = join_processes(config)
     ensure_writable(Path(config.save_path))
     with world.main_first():
         dataset = load_dataset(config, device)
-    source = choose_source(args, loaded, dataset, config.seed)
+    loaded = fit_to_dataset(loaded, dataset) if loaded else None
+    fast = resolve_fast_paths(config, device, evaluation_only=True)
+    options = fair_options(args, loaded)
+    with world.main_first():  # the first process trains a missing teacher; the others load it
+        teacher, teacher_source = obtain_teacher(args, options, loaded, dataset, device)
+    evaluator = FairEvaluator(dataset, protocol_of(config, fast), options, config.seed, world, teacher)
+    source = choose_source(args, loaded, dataset, config.seed, evaluator.real)
     images, labels = source.training_images(device)
+    data = evaluator.labelled(images, labels, shipped_labels(source, len(images), device))
     meta = source.loaded.meta
 
     ipc = meta.get("ipc", len(source.loaded.labels) // dataset.num_classes)
@@ -242,29 +318,44 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def create_run_directory() -> RunDirectory:
         run_dir = RunDirectory.create(config.save_path,
                                       config.run_name or f"eval_{source.kind}_{dataset.name}_ipc{ipc}_{stamp}")
-        run_dir.write_config({**config.to_dict(), "source": origin, "decode": source.decode, "models": models})
+        run_dir.write_config({**config.to_dict(), **vars(args), "source": origin, "dataset": config.dataset,
+                              "epoch_eval_train": config.epoch_eval_train, "decode": source.decode,
+                              "models": models})
         return run_dir
 
     run_dir = shared_run_directory(world, create_run_directory)
     world.say(f"evaluating {source.kind} ({len(images)} training images) on {dataset.name} with "
-              f"{', '.join(models)}: {config.num_eval} nets x {config.epoch_eval_train + 1} epochs, device {device}")
-    fast = resolve_fast_paths(config, device, evaluation_only=True)
+              f"{', '.join(models)}: {config.num_eval} nets x {config.epoch_eval_train + 1} epochs, labels "
+              f"{options.labels.mode}, augmentation {options.augmentation}, device {device}")
     if fast.compiled:
         world.say(compile_notice())
-    protocol = EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
-                            ParamDiffAug(aug_mode=config.dsa_mode), fast)
-    accuracies = evaluate_set(images, labels, models, config.num_eval, dataset, protocol, config.seed,
-                              ("evaluate", source.kind), description="evaluate", world=world)
+    if data.soft_labels is not None:
+        run_dir.save_set("labelled", source.loaded.images, source.loaded.labels,
+                         {**meta, "soft_labels": "logits", "soft_labels_of": "training images (decoded)",
+                          "teacher": teacher_record(teacher)}, soft_labels=data.soft_labels)
+    accuracies = evaluator.evaluate(source.kind, data, models, config.num_eval, options.labels, options.augmentation,
+                                    ("evaluate",))
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),
                             "accuracies": accuracies, "summary": {m: summarize(v) for m, v in accuracies.items()}})
+    final = merge_accuracies([accuracies])
+    scored_model = config.model if config.model in final else models[0]
+    fair = (score(evaluator, data, ipc, scored_model, accuracies[scored_model], ("evaluate",))
+            if options.controls else None)
+    protocol = fingerprint(options, evaluator.protocol, dataset, models, config.num_eval, config.seed, teacher,
+                           teacher_source)
     results = results_record(
-        config, merge_accuracies([accuracies]), fast, device, run_dir, time.perf_counter() - started,
+        config, final, fast, device, run_dir, time.perf_counter() - started, protocol,
         method=source.kind, ipc=ipc, aug=source.decode, iterations=meta.get("iterations", meta.get("iteration", 0)),
         num_exp=1, reduced_budget=is_reduced(config, source),
-        departures_from_published=evaluation_departures(config), source=origin, processes=world.size)
+        departures_from_published=evaluation_departures(config), source=origin, processes=world.size,
+        selected={name: {m: chosen.record() for m, chosen in per_model.items()}
+                  for name, per_model in evaluator.selections.items()}, fair=fair)
     run_dir.write_results(results)
     for model, stats in results["final"].items():
         world.say(f"{source.kind}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets")
+    if fair is not None:
+        world.say("scores: " + ", ".join(f"{name.upper()} {value['mean']:.4f} ± {value['std']:.4f}"
+                                         for name, value in fair["scores"].items()))
     world.say(f"results: {run_dir.path / 'results.json'}")
     leave(world)
     return results

@@ -126,9 +126,13 @@ class RunDirectory:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 
-    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> Path:
+    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                 soft_labels: torch.Tensor | None = None) -> Path:
+        """A set file: images, labels, metadata and, when given, one soft label (logits) per training image."""
         path = self.path / "sets" / f"{name}.pt"
         payload = {"images": images.detach().cpu(), "labels": labels.detach().cpu(), "meta": meta}
+        if soft_labels is not None:
+            payload["soft_labels"] = soft_labels.detach().cpu()
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
 
@@ -165,7 +169,8 @@ class ReadOnlyRunDirectory(RunDirectory):
     def append_metrics(self, record: dict[str, Any]) -> None:
         pass
 
-    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> Path:
+    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                 soft_labels: torch.Tensor | None = None) -> Path:
         return self.path / "sets" / f"{name}.pt"
 
     def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:

@@ -21,7 +21,8 @@ from data import DataOptions, Dataset, get_dataset
 from distill import Experiment
 from distributed import World, join, leave
 from errors import ConfigError, Interrupted
-from evaluation import summarize
+from evaluation import protocol_of, summarize
+from fair_evaluation import FairOptions, fingerprint
 from evaluation_points import BestOnTest
 from fast_paths import FastPaths
 from methods import get_method
@@ -58,9 +59,11 @@ def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, 
 
 
 def results_record(config: Config, final: dict[str, dict[str, Any]], fast: FastPaths, device: torch.device,
-                   run_dir: RunDirectory, seconds: float, **overrides: Any) -> dict[str, Any]:
-    """The results.json schema shared by distillation runs and evaluate.py; ``overrides``
-    replace what the config alone cannot say (e.g. the method of an evaluated set)."""
+                   run_dir: RunDirectory, seconds: float, protocol: dict[str, Any], **overrides: Any
+                   ) -> dict[str, Any]:
+    """The results.json schema shared by distillation runs and evaluate.py; ``protocol`` is the
+    evaluation's fingerprint (fair_evaluation.fingerprint), ``overrides`` replace what the config
+    alone cannot say (e.g. the method of an evaluated set)."""
     result_model = config.model if config.model in final else next(iter(final))
     departures = departures_from_reference(config)
     record = {
@@ -70,7 +73,7 @@ def results_record(config: Config, final: dict[str, dict[str, Any]], fast: FastP
         "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
         "reduced_budget": below_published(departures), "departures_from_published": departures,
         "result": {"model": result_model, **{k: v for k, v in final[result_model].items() if k != "accuracies"}},
-        "final": final, "init": None, "best_on_test": None,
+        "final": final, "init": None, "best_on_test": None, "protocol": protocol,
         "run_dir": str(run_dir.path), "seconds": seconds,
     }
     return {**record, **overrides}
@@ -172,7 +175,9 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
         checkpoints.save(None)
     inits = [outcome["init"] for outcome in progress.outcomes if outcome["init"] is not None]
     final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
-    results = results_record(config, final, fast, device, run_dir, time.perf_counter() - started,
+    protocol = fingerprint(FairOptions(), protocol_of(config, fast), dataset, list(final), config.num_eval,
+                           config.seed)
+    results = results_record(config, final, fast, device, run_dir, time.perf_counter() - started, protocol,
                              init=merge_accuracies(inits) if inits else None,
                              best_on_test=best_on_test_record(progress.best), processes=world.size,
                              class_steps=config.class_steps,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from augment import DSA, ParamDiffAug, decode_labels, decode_mosaic
 from data import get_dataset as load_dataset
+from eval_augment import EvalAugmentation
 from evaluation import EvalProtocol, train_on_set
 from losses import FeatureMoments, clip_distance, gaussian_nll
 from losses import total_variation as _total_variation
@@ -117,7 +118,7 @@ def evaluate_synset(it_eval: int, net: nn.Module, images_train: torch.Tensor, la
     param = getattr(args, "dsa_param", None) or ParamDiffAug()
     protocol = EvalProtocol(int(args.epoch_eval_train), int(args.batch_train), float(args.lr_net), args.dsa_strategy, param)
     dsa = _unseeded_dsa(args.dsa_strategy, param, device)
-    train_on_set(net, images, labels, protocol, default_generator(device), dsa)
+    train_on_set(net, images, labels, protocol, default_generator(device), EvalAugmentation("dsa", dsa))
     criterion = nn.CrossEntropyLoss()
     loss_train, acc_train = epoch("test", DataLoader(TensorDataset(images, labels), batch_size=256), net, None,
                                   criterion, args, aug=False)

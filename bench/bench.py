@@ -249,7 +249,7 @@ def time_eval_epochs(experiment: Experiment, nets: int, epochs: int, stacked: bo
             train_together(members, images, labels, protocol)
         else:
             for member in members:
-                train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
+                train_on_set(member.net, images, labels, protocol, member.order, member.augment)
 
     train(replace(protocol, epochs=0), "warm-up")  # one epoch: first-call costs (and compiling)
     synchronize(device)

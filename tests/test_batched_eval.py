@@ -28,7 +28,7 @@ def train_both_ways(dataset, images: torch.Tensor, labels: torch.Tensor,
     alone = [EvalNet.fresh("ConvNet", dataset, protocol, 0, key, CPU) for key in KEYS]
     initial = [parameters_of(member.net) for member in alone]
     for member in alone:
-        train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
+        train_on_set(member.net, images, labels, protocol, member.order, member.augment)
     together = [EvalNet.fresh("ConvNet", dataset, protocol, 0, key, CPU) for key in KEYS]
     stacked = train_together(together, images, labels, protocol)
     return [update_distances({name: param[k] for name, param in stacked.params.items()},

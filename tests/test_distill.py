@@ -239,7 +239,8 @@ def test_evaluation_trains_epochs_plus_one_and_drops_the_lr_after_half(image_fol
     labels = dataset.train.labels[:10]
     net = evaluation.get_network("ConvNet", 3, 3, (16, 16), generator=torch.Generator().manual_seed(0))
     dsa = evaluation.DSA(protocol.dsa_strategy, torch.Generator(), torch.Generator(), protocol.dsa_param)
-    evaluation.train_on_set(net, images, labels, protocol, torch.Generator(), dsa, progress)
+    evaluation.train_on_set(net, images, labels, protocol, torch.Generator(), evaluation.EvalAugmentation("dsa", dsa),
+                            progress)
     assert progress.n == 7
     assert created == [(0, 0.01), (4, pytest.approx(0.001))]  # re-created after epoch index 6 // 2 + 1 = 4
 

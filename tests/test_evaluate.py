@@ -65,8 +65,9 @@ def test_a_reference_results_file_and_a_plain_pair(image_folder: Path, tmp_path:
 
 def test_random_real_sets_are_seeded(image_folder: Path) -> None:
     dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
-    first, again = evaluate.random_real_set(dataset, 3, seed=0), evaluate.random_real_set(dataset, 3, seed=0)
-    other = evaluate.random_real_set(dataset, 3, seed=1)
+    train = dataset.train
+    first, again = evaluate.random_real_set(dataset, 3, 0, train), evaluate.random_real_set(dataset, 3, 0, train)
+    other = evaluate.random_real_set(dataset, 3, 1, train)
     assert torch.equal(first.images, again.images) and not torch.equal(first.images, other.images)
     assert first.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 

@@ -155,7 +155,7 @@ def test_compiled_evaluation_trains_like_eager(image_folder: Path) -> None:
         protocol = EvalProtocol(epochs=0, batch_train=8, fast=FastPaths(precision=None, compiled=with_compile))
         member = EvalNet.fresh("ConvNet", dataset, protocol, 0, ("same",), CPU)
         initial = parameters_of(member.net)
-        train_on_set(member.net, images, labels, protocol, member.order, member.dsa)
+        train_on_set(member.net, images, labels, protocol, member.order, member.augment)
         trained.append(parameters_of(member.net))
     distances = update_distances(trained[1], trained[0], initial)
     assert max(distances.values()) < UPDATE_TOLERANCE, distances
