@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from torchvision.utils import save_image
 
 from errors import ConfigError
 
@@ -138,6 +137,8 @@ class RunDirectory:
 
     def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:
         """A PNG grid of images already mapped to [0, 1] pixel space (clipped here)."""
+        from torchvision.utils import save_image  # here, not at start-up: importing torchvision takes seconds
+
         path = self.path / "images" / f"{name}.png"
         grid = pixels.detach().float().cpu().clamp(0.0, 1.0)
         atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow, format="png"))

@@ -331,8 +331,9 @@ def report(paths: Sequence[str], out: Path) -> list[Row]:
         text += "\n" + scores_table(scored)
     (out / "report.md").write_text(text)
     write_csv(rows, out / "report.csv")
-    plots = [name for name, drawn in (("accuracy_vs_iteration.png", plot_curves(rows, out / "accuracy_vs_iteration.png")),
-                                      ("scores.png", plot_scores(scored, out / "scores.png"))) if drawn]
+    drawn = {"accuracy_vs_iteration.png": plot_curves(rows, out / "accuracy_vs_iteration.png"),
+             "scores.png": plot_scores(scored, out / "scores.png")}
+    plots = [name for name, done in drawn.items() if done]
     print(text, end="")
     print(f"wrote {', '.join(str(out / name) for name in ['report.md', 'report.csv', *plots])}")
     return rows

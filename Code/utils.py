@@ -116,7 +116,8 @@ def evaluate_synset(it_eval: int, net: nn.Module, images_train: torch.Tensor, la
     net = net.to(device)
     images, labels = images_train.to(device).float(), labels_train.to(device).long()
     param = getattr(args, "dsa_param", None) or ParamDiffAug()
-    protocol = EvalProtocol(int(args.epoch_eval_train), int(args.batch_train), float(args.lr_net), args.dsa_strategy, param)
+    protocol = EvalProtocol(int(args.epoch_eval_train), int(args.batch_train), float(args.lr_net), args.dsa_strategy,
+                            param)
     dsa = _unseeded_dsa(args.dsa_strategy, param, device)
     train_on_set(net, images, labels, protocol, default_generator(device), EvalAugmentation("dsa", dsa))
     criterion = nn.CrossEntropyLoss()

@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: generated image folders and the script runner."""
+"""Helpers shared by the test modules: generated image folders, tiny configurations and experiments,
+the script runner, and the distance between two trainings."""
 
 import subprocess
 import sys
@@ -10,6 +11,33 @@ import torch
 from PIL import Image
 
 CODE_DIR = Path(__file__).resolve().parent.parent / "Code"
+if str(CODE_DIR) not in sys.path:
+    sys.path.insert(0, str(CODE_DIR))
+
+from config import Config  # noqa: E402  (needs the path above)
+from data import DataOptions, get_dataset  # noqa: E402
+from distill import Experiment  # noqa: E402
+from distributed import SINGLE, World  # noqa: E402
+from evaluation_points import BestOnTest  # noqa: E402
+from methods import get_method  # noqa: E402
+from outputs import RunDirectory  # noqa: E402
+
+TINY = dict(dataset="ImageFolder", im_size=16, ipc=2, Iteration=4, eval_interval=2, num_exp=2, num_eval=2,
+            epoch_eval_train=2, batch_real=6, trained_bs=8, model_train_steps=1, batch_train=8, log_every=1,
+            device="cpu", run_name="tiny")
+
+
+def tiny_config(folder: Path, save_path: Path | None = None, **changes: object) -> Config:
+    """A complete run in seconds on a generated image folder (3 classes of 16x16 images): TINY, changed."""
+    paths = {"data_path": str(folder), **({"save_path": str(save_path)} if save_path is not None else {})}
+    return Config(**{**TINY, **paths, **changes})
+
+
+def tiny_experiment(config: Config, run_dir: RunDirectory, world: World = SINGLE) -> Experiment:
+    """Experiment 0 of ``config`` on the CPU, its dataset loaded as a run loads it."""
+    dataset = get_dataset(config.dataset, config.data_path, DataOptions(im_size=config.im_size))
+    return Experiment(config, get_method(config.method), dataset, run_dir, 0, torch.device("cpu"), BestOnTest(),
+                      world)
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class: int | Sequence[int] = 10, size: int = 16,

@@ -32,14 +32,11 @@ import torch
 
 import image_steps
 from config import Config
-from data import DataOptions, get_dataset
 from distill import Experiment
-from evaluation_points import BestOnTest
 from functools import partial
 
 import networks
-from helpers import UPDATE_TOLERANCE, write_image_folder
-from methods import get_method
+from helpers import UPDATE_TOLERANCE, tiny_experiment, write_image_folder
 from outputs import RunDirectory
 
 CLASSES = 5
@@ -68,10 +65,7 @@ def distil(folder: Path, tmp_path: Path, class_steps: str, method: str = "bacon"
                     trained_bs=8, model_train_steps=1, device="cpu", precision="fp32", compile="off", model=SMOOTH,
                     memory_format="contiguous", syn_ce=method != "dm", class_steps=class_steps, class_chunk=2)
     settings.update(changes)
-    config = Config(**settings)
-    dataset = get_dataset("ImageFolder", folder, DataOptions(im_size=16))
-    experiment = Experiment(config, get_method(method), dataset, RunDirectory.create(tmp_path, class_steps), 0,
-                            torch.device("cpu"), BestOnTest())
+    experiment = tiny_experiment(Config(**settings), RunDirectory.create(tmp_path, class_steps))
     initial = experiment.synset.stored().clone()
     experiment.step.start()
     for it in range(ITERATIONS):

@@ -1,5 +1,6 @@
 """The command line: published defaults, config layering, and one-line errors for bad input."""
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -248,5 +249,17 @@ def test_help_shows_effective_defaults() -> None:
 
 
 def test_config_object_is_frozen() -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Config().ipc = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("script, args", [("BACON_mnist.py", ("--help",)), ("BACON_cifar.py", ("--dataset", "Nope")),
+                                          ("evaluate.py", ("--help",))])
+def test_help_and_user_errors_import_neither_torchvision_nor_the_compiler(script: str, args: tuple[str, ...]) -> None:
+    """Start-up stays the cost of importing torch: torchvision (which pulls in torch._dynamo) is
+    imported only where a torchvision dataset is loaded or a PNG is written, so --help and a
+    one-line error never pay for it (docs/benchmarks.md has the times)."""
+    result = run_script("-X", "importtime", script, *args)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert imported, result.stderr[-500:]
+    assert not {name for name in imported if name == "torchvision" or name.startswith("torch._dynamo")}

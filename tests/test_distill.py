@@ -10,25 +10,13 @@ from PIL import Image
 
 import evaluation
 import image_steps
-from config import Config
 from data import DataOptions, get_dataset
 from distill import Experiment
-from evaluation_points import BestOnTest
-from helpers import run_script
+from helpers import run_script, tiny_config, tiny_experiment
 from losses import FeatureMoments
-from methods import get_method
 from outputs import RunDirectory
 from pool import INITIAL_POOL_SIZE, AccuracyMeter, NetPool
 from pipeline import run
-
-
-def tiny_config(folder: Path, save_path: Path, **changes: object) -> Config:
-    """A complete run in seconds: 3 classes of 16x16 images, tiny budgets."""
-    settings = dict(dataset="ImageFolder", data_path=str(folder), im_size=16, save_path=str(save_path), ipc=2,
-                    Iteration=4, eval_interval=2, num_exp=2, num_eval=2, epoch_eval_train=2, batch_real=6,
-                    trained_bs=8, model_train_steps=1, batch_train=8, log_every=1, device="cpu", run_name="tiny")
-    settings.update(changes)
-    return Config(**settings)
 
 
 def load_set(path: Path) -> dict:
@@ -111,9 +99,7 @@ def test_the_final_point_evaluates_the_whole_eval_pool(image_folder: Path, tmp_p
 
 def make_experiment(folder: Path, tmp_path: Path, name: str, **changes: object) -> Experiment:
     config = tiny_config(folder, tmp_path, aug=False, ipc=1, **changes)
-    dataset = get_dataset("ImageFolder", folder, DataOptions(im_size=16))
-    run_dir = RunDirectory.create(tmp_path, name)
-    return Experiment(config, get_method("bacon"), dataset, run_dir, 0, torch.device("cpu"), BestOnTest())
+    return tiny_experiment(config, RunDirectory.create(tmp_path, name))
 
 
 @pytest.fixture

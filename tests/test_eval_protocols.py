@@ -181,7 +181,7 @@ def test_stacked_soft_label_training_follows_the_sequential_one(small, labels: L
     dataset, images_, hard = small
     teacher = LinearTeacher(images_[0].numel(), dataset.num_classes)
     stored = teacher.logits(images_)
-    protocol = EvalProtocol(epochs=2, batch_train=8, fast=FastPaths(precision=None), augmentation=augmentation_kind,
+    protocol = EvalProtocol(epochs=1, batch_train=8, fast=FastPaths(precision=None), augmentation=augmentation_kind,
                             labels=labels, teacher=teacher)
     keys = [("soft", k) for k in range(2)]
     alone = [EvalNet.fresh("ConvNet", dataset, protocol, 0, key, CPU) for key in keys]
@@ -241,13 +241,13 @@ def test_permuting_the_test_labels_changes_no_choice(small) -> None:
     curve, and so the chosen learning rate and epoch, is exactly the same."""
     dataset, images_, hard = small
     rest, validation = validation_split(dataset.train, dataset.num_classes, 0.3, seed=0)
-    protocol = EvalProtocol(epochs=3, batch_train=8, fast=FastPaths(precision=None))
+    protocol = EvalProtocol(epochs=1, batch_train=8, fast=FastPaths(precision=None))
     grid = (0.003, 0.03)
     before = select("ConvNet", images_, hard, dataset, protocol, validation, 0, ("perm",), grid)
     shuffled = dataset.test.labels[torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(1))]
     permuted = replace(dataset, test=replace(dataset.test, labels=shuffled))
     after = select("ConvNet", images_, hard, permuted, protocol, validation, 0, ("perm",), grid)
-    assert after == before and set(before.curves) == set(grid) and before.epoch in check_epochs(3)
+    assert after == before and set(before.curves) == set(grid) and before.epoch in check_epochs(1)
 
 
 # --- fingerprint --------------------------------------------------------------------------------------

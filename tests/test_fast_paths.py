@@ -19,13 +19,10 @@ import networks
 import precision
 from config import Config, resolve_fast_paths
 from data import DataOptions, get_dataset
-from distill import Experiment
-from evaluation_points import BestOnTest
 from errors import ConfigError
 from evaluation import EvalNet, EvalProtocol, train_on_set
 from fast_paths import FastPaths
-from helpers import CODE_DIR, UPDATE_TOLERANCE, parameters_of, update_distances, update_scales
-from methods import get_method
+from helpers import CODE_DIR, UPDATE_TOLERANCE, parameters_of, tiny_experiment, update_distances, update_scales
 from outputs import RunDirectory
 from pool import NetPool
 
@@ -76,9 +73,7 @@ def first_update(folder: Path, tmp_path: Path, name: str, **speed: Any) -> First
     config = Config(dataset="ImageFolder", data_path=str(folder), im_size=16, ipc=2, batch_real=6, trained_bs=8,
                     model_train_steps=2, device="cpu", **{"compile": "off", "memory_format": "contiguous",
                                                           "precision": "fp32", **speed})
-    dataset = get_dataset("ImageFolder", folder, DataOptions(im_size=16))
-    experiment = Experiment(config, get_method("bacon"), dataset, RunDirectory.create(tmp_path, name), 0, CPU,
-                            BestOnTest())
+    experiment = tiny_experiment(config, RunDirectory.create(tmp_path, name))
     experiment.pool.push(1)
     net = experiment.pool.nets[0]
     initial = parameters_of(net.net)

@@ -17,13 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
-from distill import Experiment, NoCheckpoints
+from distill import NoCheckpoints
 from distributed import CONTROL_TIMEOUT, TIMEOUT, World, group_options, join
-from evaluation_points import BestOnTest
-from methods import get_method
 from outputs import RunDirectory
-from data import DataOptions, get_dataset
-from test_distill import tiny_config
+from helpers import tiny_config, tiny_experiment
 
 
 def test_nccl_is_given_this_processs_gpu_and_gloo_no_device() -> None:
@@ -107,9 +104,7 @@ def test_an_iteration_costs_one_agreement_and_one_broadcast_per_dtype_of_each_tr
         monkeypatch, image_folder: Path, tmp_path: Path) -> None:
     recorded = RecordedCollectives(monkeypatch)
     config = tiny_config(image_folder, tmp_path, fetch_net_num=2, precision="fp32")
-    dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
-    experiment = Experiment(config, get_method("bacon"), dataset, RunDirectory(tmp_path), 0, torch.device("cpu"),
-                            BestOnTest(), World(0, 2, control="control"))
+    experiment = tiny_experiment(config, RunDirectory(tmp_path), World(0, 2, control="control"))
     experiment.step.start()
     for it in range(3):
         start = len(recorded.calls)

@@ -55,8 +55,8 @@ def test_rows_sit_beside_the_paper_numbers_and_reduced_runs_are_marked(tmp_path:
     markdown = (tmp_path / "out" / "report.md").read_text()
     bacon_mean = sum(bacon_accs) / 2
     bacon_std = (sum((a - bacon_mean) ** 2 for a in bacon_accs) / 2) ** 0.5
-    expected = (f"| FashionMNIST | 10 | bacon | ConvNet | hard | dsa | {bacon_mean:.2f} ± {bacon_std:.2f} | 2 | 100 | 30 "
-                f"| reduced | {PAPER['bacon']['FashionMNIST'][10]:.2f} "
+    expected = (f"| FashionMNIST | 10 | bacon | ConvNet | hard | dsa | {bacon_mean:.2f} ± {bacon_std:.2f} | 2 "
+                f"| 100 | 30 | reduced | {PAPER['bacon']['FashionMNIST'][10]:.2f} "
                 f"| {bacon_mean - PAPER['bacon']['FashionMNIST'][10]:+.2f} | – |")
     assert expected in markdown.splitlines()
     assert (tmp_path / "out" / "accuracy_vs_iteration.png").stat().st_size > 0

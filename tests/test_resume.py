@@ -16,12 +16,8 @@ import checkpoint
 import runtime
 from checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint
 from cli import main
-from data import DataOptions, get_dataset
-from distill import Experiment
 from errors import ConfigError
-from evaluation_points import BestOnTest
-from helpers import CODE_DIR, UPDATE_TOLERANCE
-from methods import get_method
+from helpers import CODE_DIR, UPDATE_TOLERANCE, tiny_experiment
 
 TIMING_KEYS = {"s_per_iteration", "seconds", "run_dir"}
 
@@ -211,8 +207,7 @@ def test_a_checkpoint_of_the_previous_format_resumes_with_batched_class_steps(im
     config = checkpoint.Config(**load_checkpoint(tmp_path / "whole").config)
     run_dir = checkpoint.RunDirectory.create(tmp_path, "old")
     run_dir.write_config(config.to_dict())
-    dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
-    experiment = Experiment(config, get_method("bacon"), dataset, run_dir, 0, torch.device("cpu"), BestOnTest())
+    experiment = tiny_experiment(config, run_dir)
     initial = experiment.synset.stored().clone()
     experiment.step.start()
     experiment.started = True

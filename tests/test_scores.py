@@ -62,7 +62,8 @@ def test_report_scores_a_set_against_controls_of_its_ipc_and_protocol(tmp_path: 
     lrs = [scores.label_robust_score(0.2, 0.3), scores.label_robust_score(0.3, 0.2)]
     assert scored.scores["lrs"]["mean"] == pytest.approx(sum(lrs) / 2)
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| FashionMNIST | 10 | bacon | ConvNet | hard | 65.00 | 65.00 | 40.00 | 90.00 | 0.2500 ± 0.0500 |" in markdown
+    assert ("| FashionMNIST | 10 | bacon | ConvNet | hard | 65.00 | 65.00 | 40.00 | 90.00 | 0.2500 ± 0.0500 |"
+            in markdown)
 
 
 def test_no_scores_without_a_random_control_under_the_same_protocol(tmp_path: Path) -> None:

@@ -1,18 +1,38 @@
 """Code/utils.py offers the reference's public names with compatible signatures."""
 
 import argparse
+import inspect
 from pathlib import Path
 
+import pytest
 import torch
 
 import utils
 
 
-def test_reference_names_are_offered() -> None:
-    for name in ("get_dataset", "get_network", "get_eval_pool", "ParamDiffAug", "DiffAugment", "evaluate_synset",
-                 "epoch", "number_sign_augment", "downscale", "get_time", "parser_bool", "TensorDataset",
-                 "total_variation", "clip_function", "negative_log_likelihood", "get_default_convnet_setting"):
-        assert callable(getattr(utils, name)), name
+REFERENCE_SIGNATURES = {  # the leading parameters the reference's scripts pass, in order
+    "get_dataset": ("dataset", "data_path"),
+    "get_network": ("model", "channel", "num_classes", "im_size"),
+    "get_eval_pool": ("eval_mode", "model", "model_eval"),
+    "DiffAugment": ("x", "strategy", "seed", "param"),
+    "evaluate_synset": ("it_eval", "net", "images_train", "labels_train", "testloader", "args"),
+    "epoch": ("mode", "dataloader", "net", "optimizer", "criterion", "args", "aug"),
+    "number_sign_augment": ("image_syn", "label_syn"),
+    "downscale": ("image_syn", "scale_factor"),
+    "parser_bool": ("parser", "name"),
+}
+
+
+@pytest.mark.parametrize("name, leading", REFERENCE_SIGNATURES.items())
+def test_reference_functions_take_the_reference_arguments(name: str, leading: tuple[str, ...]) -> None:
+    parameters = tuple(inspect.signature(getattr(utils, name)).parameters)
+    assert parameters[:len(leading)] == leading
+
+
+def test_the_other_reference_names_are_offered() -> None:
+    for name in ("ParamDiffAug", "get_time", "TensorDataset", "total_variation", "clip_function",
+                 "negative_log_likelihood", "get_default_convnet_setting"):
+        assert hasattr(utils, name), name
 
 
 def test_seeded_diffaugment_pairs_real_and_synthetic_batches() -> None:
@@ -43,8 +63,12 @@ def test_evaluate_synset_returns_fractions(image_folder: Path) -> None:
     args = argparse.Namespace(device="cpu", lr_net=0.01, epoch_eval_train=1, batch_train=8,
                               dsa_strategy="color_crop", dsa_param=utils.ParamDiffAug())
     net = utils.get_network("ConvNet", channel, num_classes, im_size)
-    _, acc_train, acc_test = utils.evaluate_synset(0, net, images, labels, testloader, args)
-    assert 0.0 <= acc_train <= 1.0 and 0.0 <= acc_test <= 1.0
+    trained, acc_train, acc_test = utils.evaluate_synset(0, net, images, labels, testloader, args)
+    trained.eval()
+    with torch.no_grad():
+        correct = sum(int((trained(x).argmax(1) == y).sum()) for x, y in testloader)
+    assert acc_test == pytest.approx(correct / len(testloader.dataset))  # a fraction, of the trained net
+    assert 0.0 <= acc_train <= 1.0
 
 
 def test_parser_bool_gives_reference_flags() -> None:

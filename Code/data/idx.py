@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from errors import DataError
 
@@ -126,6 +125,8 @@ def _idx_dataset(
     files = next((found for found in map(_find_idx_files, directories) if found), None)
     if files is None:
         try:
+            import torchvision  # only to download: importing it costs seconds of start-up
+
             with network_timeout(DOWNLOAD_TIMEOUT_S):
                 getattr(torchvision.datasets, name)(str(data_path), download=True)
         except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ... for one cause

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
 from errors import DataError
 
@@ -23,7 +22,10 @@ TORCHVISION_FILES = {
 
 
 def _open_torchvision(name: str, data_path: Path, **split: Any) -> Any:
-    """torchvision's ``name`` from files already in data_path; only if absent, a bounded download."""
+    """torchvision's ``name`` from files already in data_path; only if absent, a bounded download.
+    torchvision is imported here, when such a dataset is loaded, not at start-up (seconds)."""
+    import torchvision
+
     build = partial(getattr(torchvision.datasets, name), str(data_path), **split)
     try:
         return build(download=False)
