@@ -115,11 +115,11 @@ class Config:
                             "matmuls) or bf16 autocast; auto = bf16 where the device has bf16 matrix units (CUDA, "
                             "AMX, AVX-512-BF16), else fp32", SPEED, PRECISIONS)
     eval_batched: str = option("auto", "train the num_eval networks of a model together (vmap); auto = on CUDA "
-                               "only (2-3x slower than one after another on a 2-core CPU)", SPEED, SWITCHES)
-    compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; 10-25 s of "
-                          "compiling on a CPU); auto = on for CPU runs of >= "
+                               "only (on CPUs one after another is faster)", SPEED, SWITCHES)
+    compile: str = option("auto", "torch.compile the networks (fuses norm, activation and pooling; compiling "
+                          "delays the first iteration); auto = on for CPU runs of >= "
                           f"{COMPILE_MIN_ITERATIONS} iterations with a C++ compiler, in fp32 or on AMX units; off "
-                          "for bf16 without AMX (slower on AMD Zen 4) and on CUDA (unmeasured)", SPEED, SWITCHES)
+                          "for bf16 without AMX (slower there than eager) and on CUDA (unmeasured)", SPEED, SWITCHES)
     class_steps: str = option("batched", "image steps of many classes in one pass, each class at its own turn "
                               "of the one optimiser (batched), or one class per pass with the whole set stepped "
                               "at every turn as the reference does (sequential: one process only)", SPEED,
@@ -127,7 +127,7 @@ class Config:
     class_chunk: int = option(0, "classes per batched pass; 0 = as many as 2 GiB of activations hold, at most "
                               "ceil(classes / 8)", SPEED)
     memory_format: str = option("auto", "layout of the network weights and activations; auto = contiguous "
-                                "(channels_last was slower on AMD Zen 4; try it on AMX)", SPEED, MEMORY_FORMATS)
+                                "(faster on the CPUs measured; channels_last may pay on AMX)", SPEED, MEMORY_FORMATS)
 
     net_train_real: bool = option(True, "pool nets always train on real data", COMPAT)
     mismatch_lambda: float = option(0.0, "unused", COMPAT)

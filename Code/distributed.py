@@ -246,7 +246,7 @@ def process_device(name: str, world: World) -> torch.device:
 
 def threads_per_process(world: World) -> int:
     """This process's share of the CPU cores: several processes each using all cores oversubscribe
-    them (two of 2 threads on 2 cores made an evaluation epoch 6x slower)."""
+    them, and every process then runs several times slower (figures: docs/benchmarks.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // world.local_size)
 

@@ -4,8 +4,9 @@ and whether kernels must be deterministic.
 None of them changes what is computed beyond rounding (tests/test_fast_paths.py
 bounds each). Every ``auto`` rule below follows bench measurements
 (bench/bench.py, published Fashion-MNIST IPC-10 configuration) on the machine
-kinds it names; where a kind was never measured (channels-last on AMX, compile
-on CUDA) ``auto`` keeps the plain path and the flag selects the other.
+kinds it names, whose figures, commands and dates are in docs/benchmarks.md;
+where a kind has no measurement (channels-last on AMX, compile on CUDA)
+``auto`` keeps the plain path and the flag selects the other.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from precision import cpu_has_amx_units, resolve_precision, set_cuda_math, use_d
 SWITCHES = ("auto", "on", "off")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
-# Compiling costs 10-25 s per run on a 2-core CPU (less with a warm cache) and saves
-# 0.8-5 s per iteration, so runs shorter than this stay eager.
+# Compiling costs a fixed time per run (less with a warm kernel cache) and saves a part of every
+# iteration, so only long runs repay it: runs shorter than this stay eager (figures: docs/benchmarks.md).
 COMPILE_MIN_ITERATIONS = 200
 COMPILE_MIN_EVAL_EPOCHS = 300
 
@@ -34,11 +35,10 @@ def resolve_eval_batched(name: str, device: torch.device) -> bool:
 
 
 def resolve_compile(name: str, device: torch.device, precision: torch.dtype | None, long_run: bool) -> bool:
-    """``auto``: on for long CPU runs with a C++ compiler, in fp32 (AMD Zen 4: 10.2 against 11.1 s per
-    iteration; with AVX2 kernels only, 11.4 against 11.9; a Zen 3, AVX2 only: 17.8-18.8 against
-    20.1-21.4) or in bf16 on AMX units (the issue's bench there: 9.7 against 14.6 s); off for bf16
-    on AVX-512-BF16 without AMX (Zen 4: 8.0 against 7.4 s, evaluation epochs 0.63 against 0.49 s)
-    and on CUDA (never measured)."""
+    """``auto``: on for long CPU runs with a C++ compiler, in fp32 (with AVX-512 or AVX2 kernels) or in
+    bf16 on AMX units, where compiled iterations are faster than eager ones; off for bf16 on
+    AVX-512-BF16 without AMX, where compiled iterations and evaluation epochs are slower than eager
+    ones, and on CUDA, where it has not been measured (figures: docs/benchmarks.md)."""
     if name != "auto":
         return name == "on"
     return (device.type == "cpu" and (precision is None or cpu_has_amx_units()) and long_run
@@ -46,10 +46,10 @@ def resolve_compile(name: str, device: torch.device, precision: torch.dtype | No
 
 
 def resolve_channels_last(name: str) -> bool:
-    """``auto`` keeps contiguous (NCHW) tensors: channels-last was slower on Zen 4 eager and compiled,
-    fp32 and bf16 (compiled fp32 13.5 against 10.5 s per iteration; eager, PyTorch's GroupNorm kernels
-    for it take 10x longer). It may pay compiled on AMX, whose bf16 convolutions ran 2.7x faster on it
-    in the issue's measurement, but no whole run was measured there."""
+    """``auto`` keeps contiguous (NCHW) tensors: channels-last is slower on the CPUs measured, eager and
+    compiled, fp32 and bf16 (eager, PyTorch's GroupNorm kernels on channels-last tensors dominate a
+    step). It may pay compiled on AMX, whose bf16 convolutions are faster on it, but no whole run has
+    been measured there (figures: docs/benchmarks.md)."""
     return name == "channels_last"
 
 

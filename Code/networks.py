@@ -82,12 +82,11 @@ class _HalveByAveraging(torch.autograd.Function):
     """2x2 average pooling, stride 2, of an NCHW tensor with even sides, in two passes over memory.
 
     PyTorch's CPU ``avg_pool2d`` visits every window element by element (and
-    its backward scatters into a zeroed gradient): on a 2-core AMD Zen 4 its
-    forward took 34 ms and its backward 53 ms on a [256, 128, 32, 32] bf16
-    activation, against 9 ms and 27 ms here. Adding row pairs, then column
-    pairs, and spreading the gradient with broadcast copies are whole-tensor
-    passes the vectorised kernels run at memory speed. The values are the
-    same averages, summed in another order.
+    its backward scatters into a zeroed gradient), which makes pooling a large
+    share of a CPU training step. Adding row pairs, then column pairs, and
+    spreading the gradient with broadcast copies are whole-tensor passes the
+    vectorised kernels run at memory speed (figures: docs/benchmarks.md). The
+    values are the same averages, summed in another order.
     """
 
     @staticmethod
@@ -104,8 +103,8 @@ class _HalveByAveraging(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         """Each gradient value, quartered, to its 2x2 window: doubled along its row, then each row doubled.
-        Two copies, the second with whole rows innermost, beat one copy into [.., h, 2, w, 2]
-        (a pool-training step 0.31 against 0.33 s in bf16, 0.45 against 0.46 s in fp32, Zen 4)."""
+        Two copies, the second with whole rows innermost, rather than one copy into [.., h, 2, w, 2],
+        whose innermost dimension of 2 copies far below memory bandwidth (figures: docs/benchmarks.md)."""
         *lead, height, width = grad.shape
         rows = (grad * 0.25).unsqueeze(-1).expand(*lead, height, width, 2).reshape(*lead, height, 2 * width)
         return rows.unsqueeze(-2).expand(*lead, height, 2, 2 * width).reshape(*lead, 2 * height, 2 * width)

@@ -2,11 +2,11 @@
 
 bf16 autocast halves the memory traffic of activations and runs on matrix
 units where the hardware has them (CUDA tensor cores, Intel AMX,
-AVX-512-BF16). Where it has not (AMD Zen 3 and older, plain AVX2) bf16
-convolutions are emulated: a 128-channel ConvNet layer measured 65x slower
-than fp32 on such a machine, so ``auto`` keeps fp32 there. Losses, the
-softmax/clip term and all optimiser state stay fp32 whatever runs the
-convolutions (losses.py casts the features, parameters stay fp32).
+AVX-512-BF16). Where it has not (plain AVX2 CPUs) bf16 convolutions are
+emulated, many times slower than fp32, so ``auto`` keeps fp32 there
+(figures: docs/benchmarks.md). Losses, the softmax/clip term and all
+optimiser state stay fp32 whatever runs the convolutions (losses.py casts
+the features, parameters stay fp32).
 
 On CUDA, fp32 means IEEE fp32: PyTorch lets cuDNN run fp32 convolutions in
 TensorFloat-32 (10-bit mantissa) by default on Ampere and later, so a run

@@ -3,10 +3,9 @@
 PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves
 blocks above 32 MB (a [256, 128, 32, 32] float activation is 128 MB) with a
 fresh ``mmap`` and returns them on free, so every training step page-faults
-hundreds of megabytes back in and the kernel zeroes them: on a 2-core
-machine that was a third of all CPU time. Telling glibc never to use mmap
-and never to trim keeps freed blocks in the heap for reuse (a ConvNet train
-step on 256 Fashion-MNIST images: 1.16 s -> 0.77 s), at the price of
+hundreds of megabytes back in and the kernel zeroes them, a large share of
+a CPU step. Telling glibc never to use mmap and never to trim keeps freed
+blocks in the heap for reuse (figures: docs/benchmarks.md), at the price of
 holding the peak memory until the process ends.
 """
 

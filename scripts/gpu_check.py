@@ -7,8 +7,8 @@ checks cover the CIFAR shape (3 channels, 32x32), channels-last, ZCA, the
 six architectures of ``--eval_mode M``, a bit-exact resume and, with two GPUs,
 two NCCL processes against one. The test suite runs
 on CPUs only, so these paths are checked here, through the project's own entry
-points as a user runs them, on real Fashion-MNIST with tiny budgets (a few
-minutes in all on one GPU). Each check prints one line, ``ok`` or ``FAILED``
+points as a user runs them, on real Fashion-MNIST with tiny budgets (no check
+starts after ``--total_s``). Each check prints one line, ``ok`` or ``FAILED``
 with the reason.
 
     bash scripts/gpu_check.sh [--data_path DIR] [--only NAME,...] [--keep DIR]
