@@ -86,7 +86,8 @@ def protocol_of(config: Any, fast: FastPaths = FastPaths()) -> EvalProtocol:
                         ParamDiffAug(aug_mode=config.dsa_mode), fast)
 
 
-def _sgd(net: nn.Module, lr: float) -> torch.optim.SGD:
+def protocol_sgd(net: nn.Module, lr: float) -> torch.optim.SGD:
+    """The protocol's optimiser: SGD with momentum 0.9 and weight decay 5e-4 (teachers train with it too)."""
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY)
 
 
@@ -98,7 +99,7 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
     stopped early), shuffled by ``order``; ``soft_labels`` are the stored ones (label mode
     ``stored``); ``after_epoch(epoch, net)`` is called after each epoch (validation curves)."""
     lr = protocol.lr
-    optimizer = _sgd(net, lr)
+    optimizer = protocol_sgd(net, lr)
     net.train()
     for epoch in range(protocol.last_epoch + 1):
         permutation = torch.randperm(len(images), generator=order, device=order.device)
@@ -114,7 +115,7 @@ def train_on_set(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, pro
             optimizer.step()
         if epoch == protocol.lr_drop_epoch:
             lr *= 0.1
-            optimizer = _sgd(net, lr)
+            optimizer = protocol_sgd(net, lr)
         if after_epoch is not None:
             after_epoch(epoch, net)
             net.train()

@@ -25,8 +25,6 @@ random rounds) and model, and its choice holds for every round.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +39,7 @@ from rng import make_generator
 from scores import Round, summarize_scores
 from selection import LR_GRID, VALIDATION_FRACTION, Selection, select, validation_split
 from synthetic import set_labels
+from teachers import canonical_hash
 
 TEACHER_CHUNK = 1024  # images per teacher forward when labelling a whole set
 FINGERPRINT_LENGTH = 16
@@ -82,8 +81,7 @@ def fingerprint(options: FairOptions, protocol: EvalProtocol, dataset: Dataset, 
     (``selected``) and not hashed."""
     record: dict[str, Any] = {
         **options.labels.record(),
-        "teacher": ({**teacher_record(teacher), **(teacher_source or {})}
-                    if teacher is not None and (options.labels.soft or options.controls) else None),
+        "teacher": {**teacher_record(teacher), **(teacher_source or {})} if teacher is not None else None,
         "augmentation": options.augmentation,
         "dsa_strategy": protocol.dsa_strategy if options.augmentation == "dsa" else None,
         "dsa_mode": protocol.dsa_param.aug_mode if options.augmentation == "dsa" else None,
@@ -94,8 +92,7 @@ def fingerprint(options: FairOptions, protocol: EvalProtocol, dataset: Dataset, 
                       if options.select else {"rule": "none: the protocol's lr, the last epoch"}),
         "rounds": rounds, "seed": seed,
     }
-    text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-    return {**record, "id": hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_LENGTH]}
+    return {**record, "id": canonical_hash(record, FINGERPRINT_LENGTH)}
 
 
 def teacher_soft_labels(teacher: Any, images: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:

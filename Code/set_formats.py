@@ -64,6 +64,7 @@ from data.common import one_line
 from data.image_files import decode_images
 from data.image_folder import GRAYSCALE_MODES, IMAGE_SUFFIXES
 from errors import ConfigError, DataError, exit_code_of
+from eval_labels import logits_of_probabilities
 from outputs import atomic_write
 from synthetic import decoded_set, set_labels
 
@@ -397,7 +398,7 @@ def dd_ranking_tensors(loaded: LoadedSet, source: Path) -> dict[str, torch.Tenso
     if loaded.soft_labels is not None:
         soft = loaded.soft_labels
         if loaded.meta.get("soft_labels") == "probabilities":
-            soft = soft.clamp_min(torch.finfo(soft.dtype).tiny).log()
+            soft = logits_of_probabilities(soft)
         tensors["soft_labels"] = soft[order]
     if loaded.lr is not None:
         tensors["lr"] = torch.tensor(loaded.lr)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from augment import DSA
 from data import Dataset, ImageSplit
 from errors import ConfigError, DataError
-from evaluation import EVAL_MOMENTUM, EVAL_WEIGHT_DECAY, test_accuracy
+from evaluation import protocol_sgd, test_accuracy
 from networks import get_network
 from outputs import atomic_write
 from precision import autocast
@@ -57,7 +57,7 @@ IDENTITY_LENGTH = 16  # hex digits of a teacher's identity
 EpochCallback = Callable[[int], None]
 
 
-def _short_hash(fields: Mapping[str, Any], length: int = KEY_LENGTH) -> str:
+def canonical_hash(fields: Mapping[str, Any], length: int = KEY_LENGTH) -> str:
     """sha256 of the canonical JSON of ``fields`` (sorted keys, no spaces): the same on every machine."""
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
@@ -92,7 +92,7 @@ class TeacherRecipe:
 
     def key(self) -> str:
         """A short hash of every field: files of different recipes never share a name."""
-        return _short_hash(self.record())
+        return canonical_hash(self.record())
 
     @property
     def lr_drop_epoch(self) -> int:
@@ -102,7 +102,7 @@ class TeacherRecipe:
 
 def data_key(dataset: Dataset) -> str:
     """A short hash of what changes the training data: a teacher trained on other data never loads."""
-    return _short_hash({
+    return canonical_hash({
         "name": dataset.name, "im_size": list(dataset.im_size), "channel": dataset.channel,
         "num_classes": dataset.num_classes, "class_names": dataset.class_names, "train": len(dataset.train),
         "zca": dataset.zca is not None, "mean": dataset.mean, "std": dataset.std,
@@ -118,10 +118,6 @@ def teacher_path(cache_dir: str | Path, dataset: Dataset, recipe: TeacherRecipe,
 def checkpoint_path(path: Path) -> Path:
     """The training checkpoint beside the finished file ``path``."""
     return path.with_name(f"{path.stem}.partial.pt")
-
-
-def _sgd(net: nn.Module, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=EVAL_MOMENTUM, weight_decay=EVAL_WEIGHT_DECAY)
 
 
 class MemberTraining:
@@ -140,7 +136,7 @@ class MemberTraining:
         self.order = make_generator(seed, "teacher", k, "order", device=device)
         self.dsa = DSA(recipe.dsa_strategy, make_generator(seed, "teacher", k, "dsa-choice"),
                        make_generator(seed, "teacher", k, "dsa-values", device=device))
-        self.optimizer = _sgd(self.net, recipe.lr)
+        self.optimizer = protocol_sgd(self.net, recipe.lr)
         self.epoch = 0  # the next epoch to train
 
     @property
@@ -157,7 +153,7 @@ class MemberTraining:
             loss.backward()
             self.optimizer.step()
         if self.epoch == self.recipe.lr_drop_epoch:
-            self.optimizer = _sgd(self.net, self.optimizer.param_groups[0]["lr"] * 0.1)  # momentum lost
+            self.optimizer = protocol_sgd(self.net, self.optimizer.param_groups[0]["lr"] * 0.1)  # momentum lost
         self.epoch += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -210,8 +210,8 @@ def test_evaluation_trains_epochs_plus_one_and_drops_the_lr_after_half(image_fol
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = get_dataset("ImageFolder", image_folder, DataOptions(im_size=16))
     created: list[tuple[int, float]] = []
-    sgd = evaluation._sgd
-    monkeypatch.setattr(evaluation, "_sgd", lambda net, lr: created.append((progress.n, lr)) or sgd(net, lr))
+    sgd = evaluation.protocol_sgd
+    monkeypatch.setattr(evaluation, "protocol_sgd", lambda net, lr: created.append((progress.n, lr)) or sgd(net, lr))
 
     class Counter:
         n = 0
