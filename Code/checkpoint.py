@@ -29,6 +29,7 @@ from distributed import SINGLE, World
 from errors import ConfigError
 from evaluation_points import BestOnTest
 from outputs import RunDirectory
+from results import ExperimentOutcome
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 FORMAT = 3
@@ -42,24 +43,42 @@ class RunProgress:
     """What a run has finished: the experiments done and the best set seen on the test set."""
 
     experiment: int = 0
-    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[ExperimentOutcome] = field(default_factory=list)
     best: BestOnTest = field(default_factory=BestOnTest)
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint and the run directory it belongs to."""
+    """A loaded checkpoint and the run directory it belongs to; its payload is read only through
+    the accessors below."""
 
     directory: Path
     payload: dict[str, Any]
 
     @property
     def config(self) -> dict[str, Any]:
+        """The run's settings in today's terms (config.saved_settings)."""
         return saved_settings(self.payload["config"])
 
+    @property
+    def metrics_bytes(self) -> int:
+        """The length of metrics.jsonl when the checkpoint was taken: later records are dropped."""
+        return int(self.payload["metrics_bytes"])
+
+    @property
+    def world_size(self) -> int:
+        """How many processes wrote it."""
+        return int(self.payload["world_size"])
+
     def progress(self) -> RunProgress:
-        return RunProgress(self.payload["experiment"], list(self.payload["outcomes"]),
+        return RunProgress(self.payload["experiment"],
+                           [ExperimentOutcome.from_state(state) for state in self.payload["outcomes"]],
                            BestOnTest(**self.payload["best"]))
+
+    def experiment_state(self, index: int) -> dict[str, Any] | None:
+        """The saved state of experiment ``index`` when the checkpoint was taken in its middle."""
+        state = self.payload["experiment_state"]
+        return state if state is not None and state["index"] == index else None
 
 
 class Checkpoints:
@@ -81,7 +100,7 @@ class Checkpoints:
             experiment.health.raise_if_bad()
         payload = {
             "format": FORMAT, "config": self.config.to_dict(), "experiment": self.progress.experiment,
-            "outcomes": self.progress.outcomes, "best": dataclasses.asdict(self.progress.best),
+            "outcomes": [outcome.state_dict() for outcome in self.progress.outcomes], "best": dataclasses.asdict(self.progress.best),
             "experiment_state": experiment.state_dict() if experiment is not None else None,
             "metrics_bytes": self.run_dir.metrics_size(), "world_size": self.world.size,
         }

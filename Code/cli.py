@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from checkpoint import CHECKPOINT, PREVIOUS, Checkpoint, load_checkpoint
-from config import (FIELD_TYPES, FIELDS, RESUME_MAY_CHANGE, Config, load_yaml_config, protocol_defaults,
-                    validate)
+from config import (FIELD_TYPES, FIELDS, INERT_FLAGS, INERT_GROUP, RESUME_MAY_CHANGE, Config, load_yaml_config,
+                    protocol_defaults, validate)
 from distributed import reports_errors
 from errors import ConfigError, exit_code_of
 from fast_paths import SWITCHES
@@ -38,30 +38,41 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n" if reports_errors() else None)
 
 
-def _add_flag(group: argparse._ArgumentGroup, name: str) -> None:
-    spec = FIELDS[name]
-    kind = FIELD_TYPES[name]
-    help_text = spec.metadata["help"] + ("" if spec.default is None else " (default: %(default)s)")
+def _add_flag(group: argparse._ArgumentGroup, name: str, kind: type, default: Any, help_text: str,
+              choices: tuple[Any, ...] | None) -> None:
+    if default is not None:
+        help_text += " (default: %(default)s)"
     if kind is bool:
         group.add_argument(f"--{name}", dest=name, action="store_true", help=help_text)
         group.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
-    elif spec.metadata["choices"] == SWITCHES:  # --NAME alone is "on", --no-NAME "off", as for booleans
+    elif choices == SWITCHES:  # --NAME alone is "on", --no-NAME "off", as for booleans
         group.add_argument(f"--{name}", dest=name, nargs="?", const="on", choices=SWITCHES, help=help_text)
         group.add_argument(f"--no-{name}", f"--no_{name}", dest=name, action="store_const", const="off",
                            help=argparse.SUPPRESS)
     else:
-        group.add_argument(f"--{name}", dest=name, type=kind, choices=spec.metadata["choices"], help=help_text)
+        group.add_argument(f"--{name}", dest=name, type=kind, choices=choices, help=help_text)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
     """Flags for the named Config fields, grouped by purpose, defaulting to the field defaults."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name in names:
-        group_name = FIELDS[name].metadata["group"]
+        spec = FIELDS[name]
+        group_name = spec.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
-        _add_flag(groups[group_name], name)
-        parser.set_defaults(**{name: FIELDS[name].default})
+        _add_flag(groups[group_name], name, FIELD_TYPES[name], spec.default, spec.metadata["help"],
+                  spec.metadata["choices"])
+        parser.set_defaults(**{name: spec.default})
+
+
+def add_inert_flags(parser: argparse.ArgumentParser) -> None:
+    """The reference scripts' flags that change nothing here (config.INERT_FLAGS): parsed and
+    checked like the others, then left out when Config is built."""
+    group = parser.add_argument_group(INERT_GROUP)
+    for name, flag in INERT_FLAGS.items():
+        _add_flag(group, name, type(flag.default), flag.default, flag.note, flag.choices)
+        parser.set_defaults(**{name: flag.default})
 
 
 def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
@@ -75,6 +86,7 @@ def build_parser(prog: str, defaults: dict[str, Any]) -> OneLineParser:
                         "SAVE_PATH/RUN_NAME when it holds a checkpoint and starts it otherwise, so a command "
                         "restarted as is (torchrun --max-restarts) picks up where it stopped")
     add_config_flags(parser, FIELDS)
+    add_inert_flags(parser)
     parser.set_defaults(**defaults)
     return parser
 
@@ -130,9 +142,7 @@ def resolve_config(argv: Sequence[str] | None, script_defaults: dict[str, Any], 
     defaults = {**resume.config, **from_file} if resume else _layered_defaults(known, from_file, script_defaults)
     values = vars(build_parser(prog, defaults).parse_args(argv))
     print_only = values.pop("print_config")
-    for cli_only in ("config", "resume"):
-        values.pop(cli_only)
-    config = Config(**values)
+    config = Config(**{name: value for name, value in values.items() if name in FIELDS})
     validate(config)
     if auto:
         return _resume_automatically(config, print_only)

@@ -35,6 +35,7 @@ from methods import Method
 from monitor import FiniteWatch, LossLog
 from outputs import RunDirectory
 from pool import NetPool
+from results import ExperimentOutcome
 from runtime import STOP
 from synthetic import SyntheticSet, initial_images
 
@@ -86,8 +87,9 @@ class Experiment:
     def is_evaluation_point(self, it: int) -> bool:
         return it == self.config.Iteration or (it > 0 and it % self.config.eval_interval == 0)
 
-    def run(self, checkpoints: CheckpointSink = NoCheckpoints()) -> dict[str, Any]:
-        """Distil (from the start or from a loaded state) and return {'final': ..., 'init': ...}.
+    def run(self, checkpoints: CheckpointSink = NoCheckpoints()) -> ExperimentOutcome:
+        """Distil (from the start or from a loaded state) and return the accuracies of the last set
+        (and of the initial one with --eval_init).
 
         Between iterations it honours a stop request (SIGINT/SIGTERM, on any
         process) by raising ``Interrupted`` with the state at an iteration
@@ -123,7 +125,7 @@ class Experiment:
                     self.health.raise_if_bad()
                     self.write_log(it, progress)
                 self.end_iteration(checkpoints, it + 1)
-        return {"final": self.final, "init": self.init}
+        return ExperimentOutcome(self.final, self.init)
 
     def end_iteration(self, checkpoints: CheckpointSink, iterations_done: int) -> None:
         """Between iterations, the processes agree in one exchange whether any was asked to stop

@@ -28,7 +28,8 @@ import torch
 
 from compiled import compile_notice
 from cli import OneLineParser, add_config_flags
-from config import Config, below_published, departures_from_reference, resolve_fast_paths, validate
+from config import (EVALUATION_FIELDS, Config, below_published, departures_from_reference, resolve_fast_paths,
+                    validate)
 from data import Dataset, ImageSplit
 from distributed import leave, reports_errors
 from errors import ConfigError, DataError, exit_code_of
@@ -39,7 +40,8 @@ from fair_evaluation import (FairEvaluator, FairOptions, draw_random_real, finge
                              teacher_record)
 from networks import get_eval_pool, model_names
 from outputs import RunDirectory, ensure_writable
-from pipeline import join_processes, load_dataset, merge_accuracies, results_record, shared_run_directory
+from pipeline import join_processes, load_dataset, shared_run_directory
+from results import RunEnvironment, RunResults, pooled
 from runtime import keep_freed_memory
 from selection import LR_GRID, VALIDATION_FRACTION
 from set_formats import LoadedSet, fit_to_dataset, load_set_file
@@ -47,10 +49,6 @@ from synthetic import decoded_set
 from teachers import TeacherRecipe, get_teachers, load_teacher
 
 WHOLE_TRAIN_EPOCHS = 20
-EVAL_FLAGS = ("dataset", "model", "seed", "device", "data_path", "save_path", "run_name", "eval_mode", "num_eval",
-              "epoch_eval_train", "batch_train", "lr_net", "dsa_strategy", "dsa_mode", "zca", "im_size",
-              "test_fraction", "precision", "eval_batched", "compile", "memory_format", "dist_backend",
-              "deterministic")
 
 
 def build_parser() -> OneLineParser:
@@ -68,7 +66,7 @@ def build_parser() -> OneLineParser:
     options.add_argument("--soft_labels", metavar="PATH", help="soft labels [N, C] (teacher logits) for the set")
     options.add_argument("--models", help="comma-separated models to evaluate (instead of --eval_mode)")
     add_protocol_flags(parser)
-    add_config_flags(parser, EVAL_FLAGS)
+    add_config_flags(parser, EVALUATION_FIELDS)
     parser.set_defaults(dataset=None, epoch_eval_train=None)
     return parser
 
@@ -222,7 +220,7 @@ def whole_train_set(dataset: Dataset) -> LoadedSet:
 
 def evaluation_departures(config: Config) -> dict[str, dict[str, Any]]:
     """Where the evaluation protocol differs from the published one (only evaluation settings count)."""
-    return {name: d for name, d in departures_from_reference(config).items() if name in EVAL_FLAGS}
+    return {name: d for name, d in departures_from_reference(config).items() if name in EVALUATION_FIELDS}
 
 
 def choose_models(models: str | None, config: Config) -> list[str]:
@@ -263,7 +261,7 @@ def resolve_settings(args: Any, loaded: LoadedSet | None) -> Config:
         raise ConfigError(f"{args.set_file} was distilled on ZCA-whitened images; add --zca to whiten the test set too")
     epochs = args.epoch_eval_train if args.epoch_eval_train is not None else (
         WHOLE_TRAIN_EPOCHS if args.whole_train else Config.epoch_eval_train)
-    config = Config(**{**{name: getattr(args, name) for name in EVAL_FLAGS}, "dataset": dataset_name,
+    config = Config(**{**{name: getattr(args, name) for name in EVALUATION_FIELDS}, "dataset": dataset_name,
                        "epoch_eval_train": epochs, "num_exp": 1})
     validate(config)
     return config
@@ -289,7 +287,7 @@ def is_reduced(config: Config, source: Source) -> bool:
 
 
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse, load, check, evaluate and write results.json; returns the results."""
+    """Parse, load, check, evaluate and write results.json; returns its record."""
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
     loaded = load_set_file(Path(args.set_file), args.experiment, args.labels and Path(args.labels),
@@ -337,28 +335,32 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     ("evaluate",))
     run_dir.append_metrics({"event": "eval", "experiment": 0, "iteration": meta.get("iteration", 0),
                             "accuracies": accuracies, "summary": {m: summarize(v) for m, v in accuracies.items()}})
-    final = merge_accuracies([accuracies])
+    final = pooled([accuracies])
     scored_model = config.model if config.model in final else models[0]
     fair = (score(evaluator, data, ipc, scored_model, accuracies[scored_model], ("evaluate",))
             if options.controls else None)
     protocol = fingerprint(options, evaluator.protocol, dataset, models, config.num_eval, config.seed, teacher,
                            teacher_source)
-    results = results_record(
-        config, final, fast, device, run_dir, time.perf_counter() - started, protocol,
-        method=source.kind, ipc=ipc, aug=source.decode, iterations=meta.get("iterations", meta.get("iteration", 0)),
-        num_exp=1, reduced_budget=is_reduced(config, source),
-        departures_from_published=evaluation_departures(config), source=origin, processes=world.size,
+    results = RunResults(
+        method=source.kind, dataset=config.dataset, ipc=ipc, aug=source.decode, seed=config.seed,
+        iterations=meta.get("iterations", meta.get("iteration", 0)), num_exp=1, model=config.model,
+        epoch_eval_train=config.epoch_eval_train, num_eval=config.num_eval, eval_mode=config.eval_mode,
+        reduced_budget=is_reduced(config, source), departures_from_published=evaluation_departures(config),
+        final=final, protocol=protocol,
+        environment=RunEnvironment.of(device, fast, world.size, run_dir.path, time.perf_counter() - started),
+        source=origin, fair=fair,
         selected={name: {m: chosen.record() for m, chosen in per_model.items()}
-                  for name, per_model in evaluator.selections.items()}, fair=fair)
-    run_dir.write_results(results)
-    for model, stats in results["final"].items():
+                  for name, per_model in evaluator.selections.items()})
+    record = results.record()
+    run_dir.write_results(record)
+    for model, stats in final.items():
         world.say(f"{source.kind}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets")
     if fair is not None:
         world.say("scores: " + ", ".join(f"{name.upper()} {value['mean']:.4f} ± {value['std']:.4f}"
                                          for name, value in fair["scores"].items()))
     world.say(f"results: {run_dir.path / 'results.json'}")
     leave(world)
-    return results
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm import tqdm
 
 from augment import DSA, ParamDiffAug
+from config import Config
 from data import Dataset, ImageSplit
 from distributed import SINGLE, World
 from eval_augment import EvalAugmentation, Mix
@@ -48,9 +49,9 @@ class EvalProtocol:
     """How one evaluation network is trained (the reference's evaluate_synset)."""
 
     epochs: int
-    batch_train: int = 256
-    lr: float = 0.01
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    batch_train: int = Config.batch_train
+    lr: float = Config.lr_net
+    dsa_strategy: str = Config.dsa_strategy
     dsa_param: ParamDiffAug = field(default_factory=ParamDiffAug)
     fast: FastPaths = FastPaths()  # precision, compile, layout, stacked training
     interruptible: bool = True  # honour stop requests between epochs
@@ -80,7 +81,7 @@ class EvalProtocol:
         return None
 
 
-def protocol_of(config: Any, fast: FastPaths = FastPaths()) -> EvalProtocol:
+def protocol_of(config: Config, fast: FastPaths = FastPaths()) -> EvalProtocol:
     """The reference protocol as a run's Config sets it (epochs, batch, learning rate, DSA)."""
     return EvalProtocol(config.epoch_eval_train, config.batch_train, config.lr_net, config.dsa_strategy,
                         ParamDiffAug(aug_mode=config.dsa_mode), fast)

@@ -30,12 +30,29 @@ class BestOnTest:
     """The set with the best training-model test accuracy seen so far in the run.
 
     This selection uses the test set, so it is kept for convenience and always
-    labelled "best on test"; it is never the run's result.
+    labelled "best on test"; it is never the run's result. The run creates it
+    (or restores it from a checkpoint), evaluation points ``offer`` it their
+    accuracies (its only change), and checkpoints and results.json read it.
     """
 
     mean: float = float("-inf")
     experiment: int = -1
     iteration: int = -1
+
+    def offer(self, mean: float, experiment: int, iteration: int) -> bool:
+        """Take an evaluation point's accuracy if it beats the best (the initial set, iteration 0,
+        never competes); True when it does, and its set is then the one to keep."""
+        if iteration <= 0 or not mean > self.mean:
+            return False
+        self.mean, self.experiment, self.iteration = mean, experiment, iteration
+        return True
+
+    def record(self) -> dict[str, Any]:
+        """The results.json block."""
+        found = self.experiment >= 0
+        return {"note": "selected by test accuracy: a convenience, not a result", "mean": self.mean if found else None,
+                "experiment": self.experiment, "iteration": self.iteration,
+                "file": "sets/best_on_test.pt" if found else None}
 
 
 def set_metadata(config: Config, dataset: Dataset, **extra: Any) -> dict[str, Any]:
@@ -68,8 +85,8 @@ class EvaluationPoints:
         """Evaluate the whole stored set, save it with a PNG and log the accuracies; returns them and
         the seconds spent."""
         started = time.perf_counter()
-        labels = set_labels(range(self.dataset.num_classes), self.config.ipc, stored.device)
-        images, labels = decoded_set(stored, labels, self.config.aug)
+        stored_labels = set_labels(range(self.dataset.num_classes), self.config.ipc, stored.device)
+        images, labels = decoded_set(stored, stored_labels, self.config.aug)
         accuracies = evaluate_set(images, labels, self.models(final), self.config.num_eval, self.dataset,
                                   self.protocol, self.config.seed, ("eval", self.experiment, iteration),
                                   description=f"exp {self.experiment} eval it {iteration}", world=self.world)
@@ -80,19 +97,17 @@ class EvaluationPoints:
         for model, stats in summary.items():
             self.world.say(f"exp {self.experiment} it {iteration}: {model} test accuracy {stats['mean']:.2f} ± "
                            f"{stats['std']:.2f} % ({stats['n']} nets, {seconds:.0f} s)")
-        self.save(stored, iteration, summary)
+        self.save(stored, stored_labels, iteration, summary)
         return accuracies, seconds
 
-    def save(self, stored: torch.Tensor, iteration: int, summary: dict[str, Any]) -> None:
+    def save(self, stored: torch.Tensor, labels: torch.Tensor, iteration: int, summary: dict[str, Any]) -> None:
         name = f"exp{self.experiment}_it{iteration:06d}"
-        labels = set_labels(range(self.dataset.num_classes), self.config.ipc)
         meta = set_metadata(self.config, self.dataset, experiment=self.experiment, iteration=iteration,
                             accuracy=summary)
         self.run_dir.save_set(name, stored, labels, meta)
         self.run_dir.save_grid(name, self.dataset.denormalize(stored), nrow=self.config.ipc)
         stats = summary.get(self.config.model)
-        if stats is not None and iteration > 0 and stats["mean"] > self.best.mean:
-            self.best.mean, self.best.experiment, self.best.iteration = stats["mean"], self.experiment, iteration
+        if stats is not None and self.best.offer(stats["mean"], self.experiment, iteration):
             meta["selection"] = "best on test: chosen by test accuracy, not a result"
             self.run_dir.save_set("best_on_test", stored, labels, meta)
 

@@ -34,7 +34,7 @@ from data import Dataset, ImageSplit
 from distributed import SINGLE, World
 from eval_labels import LabelProtocol, logits_of_probabilities
 from evaluation import EvalProtocol, evaluate_model, evaluate_set
-from pool import RealSampler
+from sampling import RealSampler
 from rng import make_generator
 from scores import Round, summarize_scores
 from selection import LR_GRID, VALIDATION_FRACTION, Selection, select, validation_split

@@ -24,7 +24,9 @@ backward keeps the activations of all its decoded images, so a chunk holds at
 most CHUNK_BUDGET_BYTES of them, counted as 4 bytes per element every layer
 outputs for one image (networks.activation_sizes), twice (the backward's
 gradients), and at least one class; it holds at most ceil(C / MIN_CHUNKS)
-classes, so that up to MIN_CHUNKS processes each own a chunk. The real batches
+classes, so that the classes spread over about MIN_CHUNKS chunks for processes
+to own (exactly MIN_CHUNKS when C is a multiple of it, fewer between: 10
+classes make 5 chunks of 2). The real batches
 of a chunk are forwarded in pieces of at most CHUNK_BUDGET_BYTES / (8 bytes x
 the largest layer output). None of it depends on the number of processes, so
 a chunk's pass is the same computation wherever it runs. A network whose
@@ -45,7 +47,9 @@ from distributed import even_chunks
 from image_optimizer import ImageOptimizer
 from losses import FeatureMoments
 from networks import Network, activation_sizes, has_batch_norm
-from pool import INITIAL_POOL_SIZE, PoolNet, RealSampler
+from pool import INITIAL_POOL_SIZE, PoolNet
+from sampling import RealSampler
+from synthetic import set_labels
 from precision import autocast
 from rng import make_generator
 
@@ -84,7 +88,7 @@ def real_piece_size(config: Config, dataset: Dataset) -> int:
 def rows_of_classes(classes: range, counts: Sequence[int], device: torch.device) -> torch.Tensor:
     """The class of each row of a batch holding ``counts[k]`` rows of class ``classes[k]`` in turn."""
     if len(set(counts)) == 1:
-        return torch.arange(classes.start, classes.stop, device=device).repeat_interleave(counts[0])
+        return set_labels(classes, counts[0], device)
     return torch.cat([torch.full((n,), c, device=device) for c, n in zip(classes, counts)])
 
 

@@ -48,10 +48,6 @@ def atomic_write(path: Path, write: Callable[[Path], None], keep_previous: Path 
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def ensure_writable(directory: Path) -> None:
     """Fail early, with the fix, when runs cannot be saved under ``directory``."""
     try:
@@ -71,10 +67,17 @@ def default_run_name(config: Any) -> str:
 
 
 class RunDirectory:
-    """The output folder of one run."""
+    """The output folder of one run.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    Every change it makes to the disk goes through ``_replace``, ``_append``,
+    ``_truncate`` and ``_remove``, which do nothing when ``writes`` is false:
+    under torchrun the first process writes every file and the others hold
+    the same directory read-only, so a write method added later is skipped on
+    them without saying so.
+    """
+
+    def __init__(self, path: Path, writes: bool = True) -> None:
+        self.path, self.writes = path, writes
 
     @classmethod
     def create(cls, save_path: str | Path, run_name: str) -> "RunDirectory":
@@ -99,13 +102,34 @@ class RunDirectory:
         run_dir.truncate_metrics(0)
         return run_dir
 
+    def _replace(self, path: Path, write: Callable[[Path], None], keep_previous: Path | None = None) -> Path:
+        if self.writes:
+            atomic_write(path, write, keep_previous)
+        return path
+
+    def _append(self, path: Path, line: str) -> None:
+        """One line in a single write, so a crash cannot split it."""
+        if self.writes:
+            with open(path, "a") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+
+    def _truncate(self, path: Path, size: int) -> None:
+        if self.writes:
+            os.truncate(path, size)
+
+    def _remove(self, path: Path) -> None:
+        if self.writes:
+            path.unlink(missing_ok=True)
+
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        text = yaml.safe_dump(config, sort_keys=False)
+        self._replace(self.path / "config.yaml", lambda tmp: tmp.write_text(text))
 
     def remove_partial_writes(self) -> None:
         """Temporary files left by a process killed while writing (the targets are intact)."""
         for partial in self.path.rglob(".*.tmp"):
-            partial.unlink(missing_ok=True)
+            self._remove(partial)
 
     @property
     def metrics_path(self) -> Path:
@@ -117,68 +141,33 @@ class RunDirectory:
     def truncate_metrics(self, size: int) -> None:
         """Drop records written after a checkpoint, so a resumed run writes each exactly once."""
         if self.metrics_size() > size:
-            os.truncate(self.metrics_path, size)
+            self._truncate(self.metrics_path, size)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line in a single write, so a crash cannot split a record."""
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        self._append(self.metrics_path, json.dumps(record))
 
     def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
                  soft_labels: torch.Tensor | None = None) -> Path:
         """A set file: images, labels, metadata and, when given, one soft label (logits) per training image."""
-        path = self.path / "sets" / f"{name}.pt"
         payload = {"images": images.detach().cpu(), "labels": labels.detach().cpu(), "meta": meta}
         if soft_labels is not None:
             payload["soft_labels"] = soft_labels.detach().cpu()
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
-        return path
+        return self._replace(self.path / "sets" / f"{name}.pt", lambda tmp: torch.save(payload, tmp))
 
     def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:
         """A PNG grid of images already mapped to [0, 1] pixel space (clipped here)."""
+        path = self.path / "images" / f"{name}.png"
+        if not self.writes:
+            return path
         from torchvision.utils import save_image  # here, not at start-up: importing torchvision takes seconds
 
-        path = self.path / "images" / f"{name}.png"
         grid = pixels.detach().float().cpu().clamp(0.0, 1.0)
-        atomic_write(path, lambda tmp: save_image(grid, tmp, nrow=nrow, format="png"))
-        return path
+        return self._replace(path, lambda tmp: save_image(grid, tmp, nrow=nrow, format="png"))
 
     def write_results(self, results: dict[str, Any]) -> Path:
-        path = self.path / "results.json"
-        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-        return path
+        text = json.dumps(results, indent=2) + "\n"
+        return self._replace(self.path / "results.json", lambda tmp: tmp.write_text(text))
 
     def write_checkpoint(self, payload: dict[str, Any], name: str, previous: str) -> None:
         """Replace checkpoint ``name``, keeping the one it replaces as ``previous`` until then."""
-        atomic_write(self.path / name, lambda tmp: torch.save(payload, tmp), keep_previous=self.path / previous)
-
-
-class ReadOnlyRunDirectory(RunDirectory):
-    """The run directory as the other processes of a distributed run see it: the first process
-    writes every file, so here every write is skipped."""
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        pass
-
-    def remove_partial_writes(self) -> None:
-        pass
-
-    def truncate_metrics(self, size: int) -> None:
-        pass
-
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        pass
-
-    def save_set(self, name: str, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
-                 soft_labels: torch.Tensor | None = None) -> Path:
-        return self.path / "sets" / f"{name}.pt"
-
-    def save_grid(self, name: str, pixels: torch.Tensor, nrow: int) -> Path:
-        return self.path / "images" / f"{name}.png"
-
-    def write_results(self, results: dict[str, Any]) -> Path:
-        return self.path / "results.json"
-
-    def write_checkpoint(self, payload: dict[str, Any], name: str, previous: str) -> None:
-        pass
+        self._replace(self.path / name, lambda tmp: torch.save(payload, tmp), keep_previous=self.path / previous)

@@ -21,12 +21,12 @@ from data import DataOptions, Dataset, get_dataset
 from distill import Experiment
 from distributed import World, join, leave
 from errors import ConfigError, Interrupted
-from evaluation import protocol_of, summarize
+from evaluation import protocol_of
 from fair_evaluation import FairOptions, fingerprint
-from evaluation_points import BestOnTest
 from fast_paths import FastPaths
-from methods import get_method
-from outputs import ReadOnlyRunDirectory, RunDirectory, default_run_name, ensure_writable
+from methods import Method, get_method
+from outputs import RunDirectory, default_run_name, ensure_writable
+from results import RunEnvironment, RunResults, pooled
 
 
 def load_dataset(config: Config, device: torch.device) -> Dataset:
@@ -49,51 +49,14 @@ def announce(config: Config, fast: FastPaths, dataset: Dataset, device: torch.de
         print(compile_notice(), flush=True)
 
 
-def merge_accuracies(per_experiment: list[dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
-    """Accuracies of every experiment pooled per model, with mean and std."""
-    pooled: dict[str, list[float]] = {}
-    for accuracies in per_experiment:
-        for model, values in accuracies.items():
-            pooled.setdefault(model, []).extend(values)
-    return {model: {**summarize(values), "accuracies": values} for model, values in pooled.items()}
-
-
-def results_record(config: Config, final: dict[str, dict[str, Any]], fast: FastPaths, device: torch.device,
-                   run_dir: RunDirectory, seconds: float, protocol: dict[str, Any], **overrides: Any
-                   ) -> dict[str, Any]:
-    """The results.json schema shared by distillation runs and evaluate.py; ``protocol`` is the
-    evaluation's fingerprint (fair_evaluation.fingerprint), ``overrides`` replace what the config
-    alone cannot say (e.g. the method of an evaluated set)."""
-    result_model = config.model if config.model in final else next(iter(final))
-    departures = departures_from_reference(config)
-    record = {
-        "method": config.method, "dataset": config.dataset, "model": config.model, "ipc": config.ipc,
-        "aug": config.aug, "seed": config.seed, "device": str(device), **fast.record(),
-        "iterations": config.Iteration, "epoch_eval_train": config.epoch_eval_train,
-        "num_exp": config.num_exp, "num_eval": config.num_eval, "eval_mode": config.eval_mode,
-        "reduced_budget": below_published(departures), "departures_from_published": departures,
-        "result": {"model": result_model, **{k: v for k, v in final[result_model].items() if k != "accuracies"}},
-        "final": final, "init": None, "best_on_test": None, "protocol": protocol,
-        "run_dir": str(run_dir.path), "seconds": seconds,
-    }
-    return {**record, **overrides}
-
-
-def best_on_test_record(best: BestOnTest) -> dict[str, Any]:
-    found = best.experiment >= 0
-    return {"note": "selected by test accuracy: a convenience, not a result", "mean": best.mean if found else None,
-            "experiment": best.experiment, "iteration": best.iteration,
-            "file": "sets/best_on_test.pt" if found else None}
-
-
-def print_summary(results: dict[str, Any]) -> None:
-    budget = " (reduced budget)" if results["reduced_budget"] else ""
-    for model, stats in results["final"].items():
+def print_summary(results: RunResults) -> None:
+    budget = " (reduced budget)" if results.reduced_budget else ""
+    for model, stats in results.final.items():
         print(f"final{budget}: {model} {stats['mean']:.2f} ± {stats['std']:.2f} % over {stats['n']} nets", flush=True)
-    for model, stats in (results["init"] or {}).items():
+    for model, stats in (results.init or {}).items():
         print(f"initial set (the real images it started from): {model} {stats['mean']:.2f} ± {stats['std']:.2f} % "
               f"over {stats['n']} nets", flush=True)
-    print(f"results: {Path(results['run_dir']) / 'results.json'}", flush=True)
+    print(f"results: {Path(results.environment.run_dir) / 'results.json'}", flush=True)
 
 
 def join_processes(config: Config) -> tuple[World, torch.device]:
@@ -113,7 +76,7 @@ def shared_run_directory(world: World, make: Callable[[], RunDirectory]) -> RunD
     """The first process makes the run's folder (``make``); every process then uses its path, and
     only the first process's writes happen."""
     path = world.main_value(make().path if world.is_main else None)
-    return RunDirectory(path) if world.is_main else ReadOnlyRunDirectory(path)
+    return RunDirectory(path, writes=world.is_main)
 
 
 def open_run_directory(config: Config, resume: Checkpoint | None, in_place: bool) -> RunDirectory:
@@ -123,7 +86,7 @@ def open_run_directory(config: Config, resume: Checkpoint | None, in_place: bool
     if resume is not None:
         run_dir = RunDirectory(resume.directory)
         run_dir.remove_partial_writes()
-        run_dir.truncate_metrics(resume.payload["metrics_bytes"])
+        run_dir.truncate_metrics(resume.metrics_bytes)
         return run_dir
     name = config.run_name or default_run_name(config)
     run_dir = RunDirectory.restart(config.save_path, name) if in_place else RunDirectory.create(config.save_path, name)
@@ -131,8 +94,25 @@ def open_run_directory(config: Config, resume: Checkpoint | None, in_place: bool
     return run_dir
 
 
+def distillation_results(config: Config, progress: RunProgress, dataset: Dataset, fast: FastPaths, method: Method,
+                         environment: RunEnvironment) -> RunResults:
+    """The run's results.json: every experiment's accuracies pooled, the protocol fingerprinted."""
+    inits = [outcome.init for outcome in progress.outcomes if outcome.init is not None]
+    final = pooled([outcome.final for outcome in progress.outcomes])
+    departures = departures_from_reference(config)
+    return RunResults(
+        method=config.method, dataset=config.dataset, ipc=config.ipc, aug=config.aug, seed=config.seed,
+        iterations=config.Iteration, num_exp=config.num_exp, model=config.model,
+        epoch_eval_train=config.epoch_eval_train, num_eval=config.num_eval, eval_mode=config.eval_mode,
+        reduced_budget=below_published(departures), departures_from_published=departures, final=final,
+        protocol=fingerprint(FairOptions(), protocol_of(config, fast), dataset, list(final), config.num_eval,
+                             config.seed),
+        environment=environment, init=pooled(inits) if inits else None, best_on_test=progress.best.record(),
+        class_steps=config.class_steps, class_chunks=len(method.step.class_chunks(config, dataset)))
+
+
 def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False) -> dict[str, Any]:
-    """Distil ``config.dataset`` as configured (or continue ``resume``) and return the results.
+    """Distil ``config.dataset`` as configured (or continue ``resume``) and return results.json's record.
 
     Under torchrun every process runs this together (distributed.py says what
     each one does). On SIGINT/SIGTERM the experiment in progress is
@@ -152,16 +132,16 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
     progress = RunProgress() if resume is None else resume.progress()
     if world.is_main:
         announce(config, fast, dataset, device, run_dir, world)
-        if resume is not None and resume.payload["world_size"] != world.size:
-            print(f"resuming a run started with {resume.payload['world_size']} process(es) on {world.size}: "
+        if resume is not None and resume.world_size != world.size:
+            print(f"resuming a run started with {resume.world_size} process(es) on {world.size}: "
                   "classes, pool nets and evaluation networks are dealt out anew; the results are the same "
                   "(to rounding if the threads per process changed)", flush=True)
     checkpoints = Checkpoints(run_dir, config, progress, world)
     while progress.experiment < config.num_exp:
         experiment = Experiment(config, method, dataset, run_dir, progress.experiment, device, progress.best, world,
                                 fast)
-        saved = resume.payload["experiment_state"] if resume is not None else None
-        if saved is not None and saved["index"] == progress.experiment:
+        saved = resume.experiment_state(progress.experiment) if resume is not None else None
+        if saved is not None:
             experiment.load_state_dict(saved)
             world.say(f"resuming experiment {progress.experiment} at iteration {experiment.next_iteration}")
         try:
@@ -173,17 +153,12 @@ def run(config: Config, resume: Checkpoint | None = None, in_place: bool = False
             raise
         progress.experiment += 1
         checkpoints.save(None)
-    inits = [outcome["init"] for outcome in progress.outcomes if outcome["init"] is not None]
-    final = merge_accuracies([outcome["final"] for outcome in progress.outcomes])
-    protocol = fingerprint(FairOptions(), protocol_of(config, fast), dataset, list(final), config.num_eval,
-                           config.seed)
-    results = results_record(config, final, fast, device, run_dir, time.perf_counter() - started, protocol,
-                             init=merge_accuracies(inits) if inits else None,
-                             best_on_test=best_on_test_record(progress.best), processes=world.size,
-                             class_steps=config.class_steps,
-                             class_chunks=len(method.step.class_chunks(config, dataset)))
-    run_dir.write_results(results)
+    results = distillation_results(config, progress, dataset, fast, method,
+                                   RunEnvironment.of(device, fast, world.size, run_dir.path,
+                                                     time.perf_counter() - started))
+    record = results.record()
+    run_dir.write_results(record)
     if world.is_main:
         print_summary(results)
     leave(world)
-    return results
+    return record

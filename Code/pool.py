@@ -1,12 +1,11 @@
-"""The network pool of BACON and IDM, and the real batches everything draws.
+"""The network pool of BACON and IDM.
 
 The pool is the reference's growing list of networks: new random nets are
 appended on a schedule (the oldest dropped once full), a few are picked to
 update the images, and a few are trained on real batches every iteration,
 each with its own optimiser and running training-accuracy meter (which
-weights the synthetic cross-entropy). Real batches are drawn on the data's
-device, without per-sample loops, from streams keyed by where they are used.
-Under torchrun every process holds the same pool: the nets trained in an
+weights the synthetic cross-entropy), trained on real batches
+(sampling.RealSampler) from streams keyed by net. Under torchrun every process holds the same pool: the nets trained in an
 iteration are dealt out and broadcast back (distributed.py).
 """
 
@@ -18,39 +17,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from data import Dataset, ImageSplit
+from data import Dataset
 from distributed import SINGLE, World
 from fast_paths import FastPaths
 from monitor import FiniteWatch
 from networks import Network, get_network
 from precision import autocast
 from rng import make_generator
+from sampling import RealSampler
 
 if TYPE_CHECKING:
     from config import Config
 
 INITIAL_POOL_SIZE = 3
-
-
-class RealSampler:
-    """Random real batches, drawn on the data's device without per-sample loops."""
-
-    def __init__(self, split: ImageSplit, generator: torch.Generator) -> None:
-        self.split = split
-        self.generator = generator
-
-    def _shuffled(self, size: int) -> torch.Tensor:
-        return torch.randperm(size, generator=self.generator, device=self.generator.device)
-
-    def class_batch(self, c: int, n: int) -> torch.Tensor:
-        """n distinct images of class c (all of them when the class is smaller)."""
-        indices = self.split.class_indices[c]
-        return self.split.fetch(indices[self._shuffled(len(indices))[:n]])
-
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n distinct images drawn uniformly from the whole split, with labels."""
-        index = self._shuffled(len(self.split))[:n]
-        return self.split.fetch(index), self.split.labels[index]
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 from augment import decode_labels, decode_mosaic, encode_mosaic
 from distributed import ClassLayout
 from image_optimizer import PER_CLASS_STATE, ImageOptimizer, make_image_optimizer
-from pool import RealSampler
 from rng import make_generator
+from sampling import RealSampler
 
 if TYPE_CHECKING:
     from config import Config

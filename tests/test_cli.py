@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cli import main, resolve_config
-from config import Config, reference_config, saved_settings
+from config import (BUDGET_FIELDS, EVALUATION_FIELDS, FIELDS, INERT_FLAGS, NOT_PROTOCOL, RESUME_MAY_CHANGE,
+                    Config, reference_config, saved_settings)
 from helpers import CODE_DIR, run_script, write_image_folder
 
 COMMANDS = [line for line in (CODE_DIR.parent / "Command.txt").read_text().splitlines() if line.startswith("python")]
@@ -98,6 +99,32 @@ def test_a_saved_configuration_is_read_in_todays_terms() -> None:
     assert Config(**saved).compile == "off"
 
 
+def test_the_reference_flags_without_effect_are_accepted_and_kept_out_of_the_config(tmp_path: Path) -> None:
+    """Every published command passes --net_train_real and --mismatch_lambda; they parse (and --aug_num
+    still refuses what the reference cannot do), but Config has no such fields, and a configuration
+    saved when it had them (a checkpoint, a --config file) still loads."""
+    invocation = resolve_config(["--dataset", "FashionMNIST", "--ipc", "10", "--net_train_real",
+                                 "--mismatch_lambda", "0", "--dis_metric", "ours"], {})
+    assert not INERT_FLAGS.keys() & invocation.config.to_dict().keys()
+    saved = saved_settings({**invocation.config.to_dict(), "net_train_real": True, "aug_num": 1})
+    assert Config(**saved) == invocation.config
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("ipc: 10\nlocal_num: 10\ninner_loop: 1\n")
+    assert resolve_config(["--config", str(config_file), "--dataset", "FashionMNIST"], {}).config == \
+        invocation.config
+
+
+def test_every_schema_list_is_read_from_the_field_metadata() -> None:
+    """Budget, protocol, resumable and evaluation flags are roles on the fields, not lists kept by hand."""
+    for name, spec in FIELDS.items():
+        role = spec.metadata["role"]
+        assert (name in BUDGET_FIELDS) == role.budget and (name in NOT_PROTOCOL) == (not role.protocol)
+        assert (name in RESUME_MAY_CHANGE) == role.resumable
+        assert (name in EVALUATION_FIELDS) == spec.metadata["evaluation"]
+    assert BUDGET_FIELDS <= FIELDS.keys() - NOT_PROTOCOL  # a budget is part of the protocol
+    assert RESUME_MAY_CHANGE <= NOT_PROTOCOL  # what may change on resume changes no result
+
+
 def test_print_config_prints_yaml_and_exits(capsys: pytest.CaptureFixture) -> None:
     assert main({}, ["--dataset", "FashionMNIST", "--ipc", "10", "--print_config"]) == 0
     assert "dataset: FashionMNIST" in capsys.readouterr().out
@@ -136,6 +163,8 @@ BAD_FLAGS = [
     (["--eval_interval", "0"], "--eval_interval must be at least 1"),
     (["--num_eval", "0"], "--num_eval must be at least 1"),
     (["--num_exp", "0"], "--num_exp must be at least 1"),
+    (["--test_fraction", "1"], "--test_fraction must be between 0 and 1, got 1.0"),
+    (["--dataset", "ImageFolder", "--im_size", "1"], "--im_size must be at least 2, got 1"),
     (["--dsa_strategy", "color_blur"], "unknown DSA op 'blur'"),
     (["--eval_mode", "Q"], "unknown eval mode 'Q'"),
     (["--method", "gm"], "unknown method 'gm'; valid methods: bacon, idm"),

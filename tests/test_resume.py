@@ -197,8 +197,9 @@ def test_a_non_finite_value_stops_the_run_with_exit_code_3(image_folder: Path, t
 def test_a_checkpoint_of_the_previous_format_resumes_with_batched_class_steps(image_folder: Path,
                                                                             tmp_path: Path) -> None:
     """Format 2 (before batched class steps) held the whole-set optimiser, which has every class current
-    at the last turn; loaded, the run goes on with --class_steps batched and ends within rounding of the
-    run that never stopped: each class within helpers.UPDATE_TOLERANCE of its update."""
+    at the last turn, and a config with the inert reference flags; loaded, the run goes on with
+    --class_steps batched and ends within rounding of the run that never stopped: each class within
+    helpers.UPDATE_TOLERANCE of its update."""
     flags = ["--dataset", "ImageFolder", "--data_path", str(image_folder), "--im_size", "16", "--ipc", "2",
              "--Iteration", "4", "--eval_interval", "4", "--num_exp", "1", "--num_eval", "1",
              "--epoch_eval_train", "0", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "1",
@@ -224,6 +225,7 @@ def test_a_checkpoint_of_the_previous_format_resumes_with_batched_class_steps(im
     state["log"] = {"sums": log["sums"], "steps": log["classes"], "iterations": log["iterations"]}
     for name in ("class_steps", "class_chunk"):
         del payload["config"][name]
+    payload["config"].update({"net_train_real": True, "mismatch_lambda": 0.0, "aug_num": 1, "dis_metric": "ours"})
     torch.save({**payload, "format": 2}, run_dir.path / CHECKPOINT)
 
     assert main({}, ["--resume", str(run_dir.path)]) == 0

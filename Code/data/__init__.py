@@ -56,8 +56,6 @@ def _check_options(name: str, options: DataOptions) -> None:
     """Reject settings that would be silently ignored or cannot split."""
     if options.im_size is not None and name != "ImageFolder":
         raise ConfigError(f"--im_size only applies to ImageFolder ({name} has a fixed size); drop it")
-    if options.im_size is not None and options.im_size < 1:
-        raise ConfigError(f"--im_size must be a positive side length, got {options.im_size}")
     if not 0 < options.test_fraction < 1:
         raise ConfigError(f"--test_fraction must lie strictly between 0 and 1, got {options.test_fraction}")
 
