@@ -3,8 +3,9 @@
 A checkpoint holds the resolved config, the results of the finished
 experiments, the best-on-test record and, in the middle of an experiment, its
 whole state (``Experiment.state_dict``: synthetic images and their optimiser,
-every pool network with its optimiser and accuracy meter, every random
-generator, the loop position, the loss log), plus the length of metrics.jsonl
+every pool network with its optimiser and accuracy meter, the pool's two
+running generators (every other stream is derived from the seed and the step
+it serves, rng.make_generator), the loop position, the loss log), plus the length of metrics.jsonl
 at that moment: records written after it are dropped on resume, so none is
 duplicated or missing. It is written to a temporary file, flushed and renamed,
 the previous one kept as checkpoint.prev.pt until the new one is complete, and

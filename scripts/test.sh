@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (8-9 minutes on 2 CPU cores). Extra arguments go to pytest.
+# The test suite (its measured time: README.md, docs/benchmarks.md). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
