@@ -417,14 +417,7 @@ def test_unknown_dataset_lists_names() -> None:
     assert data.dataset_names() == list(data.DATASETS)
 
 
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("CIFAR10", DataOptions(im_size=16)),
-        ("ImageFolder", DataOptions(im_size=0)),
-        ("ImageFolder", DataOptions(test_fraction=1.0)),
-    ],
-)
-def test_bad_options_are_config_errors(tmp_path: Path, name: str, options: DataOptions) -> None:
-    with pytest.raises(ConfigError):
-        get_dataset(name, tmp_path, options)
+def test_a_size_for_a_fixed_size_dataset_is_a_config_error(tmp_path: Path) -> None:
+    """Only ImageFolder resizes; the options' ranges are checked once, with the config (test_cli)."""
+    with pytest.raises(ConfigError, match="--im_size only applies to ImageFolder"):
+        get_dataset("CIFAR10", tmp_path, DataOptions(im_size=16))

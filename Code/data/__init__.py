@@ -53,11 +53,9 @@ def dataset_names() -> list[str]:
 
 
 def _check_options(name: str, options: DataOptions) -> None:
-    """Reject settings that would be silently ignored or cannot split."""
+    """Reject a setting that would be silently ignored (the ranges are checked with the config)."""
     if options.im_size is not None and name != "ImageFolder":
         raise ConfigError(f"--im_size only applies to ImageFolder ({name} has a fixed size); drop it")
-    if not 0 < options.test_fraction < 1:
-        raise ConfigError(f"--test_fraction must lie strictly between 0 and 1, got {options.test_fraction}")
 
 
 def _whiten(dataset: Dataset) -> Dataset:
