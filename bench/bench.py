@@ -66,7 +66,7 @@ from config import Config, resolve_device, resolve_fast_paths  # noqa: E402
 from data import Dataset  # noqa: E402
 from data.splits import make_dataset  # noqa: E402
 from distill import Experiment, NoCheckpoints  # noqa: E402
-from distributed import join  # noqa: E402
+from distributed import join, leave  # noqa: E402
 from errors import exit_code_of  # noqa: E402
 from evaluation import EvalNet, EvalProtocol, test_accuracy, train_on_set, train_together  # noqa: E402
 from evaluation_points import BestOnTest  # noqa: E402
@@ -449,6 +449,9 @@ def measure_processes(args: argparse.Namespace) -> dict[str, Any] | None:
             "image_updates": statistics.median(totals) - pool_training, "evaluation_epoch": eval_epoch,
             "evaluation_test": eval_test}
     everyone = world.gather_objects(mine)
+    # Left explicitly: a process that exits still in the group can abort (SIGABRT) while the
+    # interpreter shuts down, when gloo's threads release what they hold.
+    leave(world)
     if not world.is_main:
         return None
     return {

@@ -1,9 +1,16 @@
 """Code/ on the import path (as the entry scripts see it) and shared fixtures."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest.ini runs two workers: each, and every process its tests start, computes on one thread
+    # (set before torch is imported), so the workers do not share cores, where OpenMP threads that
+    # wait on each other can make a step many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Code"))
 

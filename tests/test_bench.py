@@ -3,23 +3,63 @@
 import json
 import subprocess
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from helpers import write_image_folder
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
+def run_benches_together(runs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Each of ``runs`` (name: arguments) as one bench process, all started at once; stdout and stderr go
+    to files, so no process blocks on a full pipe while another is waited for."""
+    with ExitStack() as files:
+        started = {}
+        for name, args in runs.items():
+            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            started[name] = (subprocess.Popen([sys.executable, str(BENCH), *args], stdout=out, stderr=err, text=True),
+                             out, err)
+        done = {}
+        for name, (process, out, err) in started.items():
+            process.wait(timeout=300)
+            out.seek(0)
+            err.seek(0)
+            done[name] = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    return done
 
 
 @pytest.fixture(scope="module")
-def measured(image_folder: Path) -> subprocess.CompletedProcess:
-    """One bench run on the generated folder: fp32, eager, 2 stacked nets."""
-    return run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2",
-                     "--iterations", "1", "--eval_epochs", "1", "--stacked_nets", "2", "--device", "cpu",
-                     "--precision", "fp32", "--compile", "off")
+def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 5 generated images, 4 of each class for training: the bench runs the published
+    configuration, whose pool training steps over every training image, so fewer images make each
+    measured iteration cheaper without changing which figures it reports."""
+    return write_image_folder(tmp_path_factory.mktemp("bench-folder"), per_class=5)
+
+
+@pytest.fixture(scope="module")
+def bench_runs(small_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    """The bench processes this module reads, started together: "measured", one run on the small generated
+    folder (fp32, eager, 2 stacked nets); "nproc", one process then two under torchrun, one thread each;
+    "missing", a folder that does not exist. The tests check which figures each reports and how they
+    relate, never how large a time is, so sharing the cores changes no assertion (every time only has to
+    be positive)."""
+    common = ["--dataset", "ImageFolder", "--data_path", str(small_folder), "--ipc", "2", "--iterations", "1",
+              "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--compile", "off"]
+    return run_benches_together({
+        "measured": [*common, "--stacked_nets", "2"],
+        "nproc": [*common, "--nproc", "2", "--threads", "1"],
+        "missing": ["--dataset", "ImageFolder", "--data_path", str(tmp_path_factory.mktemp("bench") / "missing"),
+                    "--device", "cpu"]})
+
+
+@pytest.fixture(scope="module")
+def measured(bench_runs: dict[str, subprocess.CompletedProcess]) -> subprocess.CompletedProcess:
+    """One bench run on the small generated folder: fp32, eager, 2 stacked nets."""
+    return bench_runs["measured"]
 
 
 def test_one_json_line_with_every_figure(measured: subprocess.CompletedProcess) -> None:
@@ -49,16 +89,16 @@ def test_one_json_line_with_every_figure(measured: subprocess.CompletedProcess) 
 def test_flops_are_counted_from_the_layer_shapes(measured: subprocess.CompletedProcess) -> None:
     """By hand, one forward of the 32x32 RGB ConvNet: 2 x multiply-adds of
     conv1 32*32*128*27 + conv2 16*16*128*128*9 + conv3 8*8*128*128*9 + fc 2048*3 = 101.5 MFLOP.
-    The generated folder has 24 training images, 8 per class, so an IPC-2 iteration is
-    3 classes x 8 real forwards + 3 x 8 decoded images x 2 (fwd + input grad)
-    + 2 nets x 10 steps x 24 images x 3 (fwd + full backward) = 1512 forwards."""
+    The small generated folder has 12 training images, 4 per class, so an IPC-2 iteration is
+    3 classes x 4 real forwards + 3 x 8 decoded images x 2 (fwd + input grad)
+    + 2 nets x 10 steps x 12 images x 3 (fwd + full backward) = 780 forwards."""
     forward = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 128 * 9 + 8 * 8 * 128 * 128 * 9 + 2048 * 3)
     record = json.loads(measured.stdout)
-    assert record["tflops_per_iteration"] == round(1512 * forward / 1e12, 3)
+    assert record["tflops_per_iteration"] == round(780 * forward / 1e12, 3)
 
 
-def test_errors_are_one_line(tmp_path: Path) -> None:
-    result = run_bench("--dataset", "ImageFolder", "--data_path", str(tmp_path / "missing"), "--device", "cpu")
+def test_errors_are_one_line(bench_runs: dict[str, subprocess.CompletedProcess]) -> None:
+    result = bench_runs["missing"]
     assert result.returncode == 2
     assert result.stderr.strip().startswith("bench.py: error: ImageFolder:")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -81,10 +121,9 @@ def test_a_fast_path_is_printed_beside_the_plain_path_with_their_ratio(monkeypat
     assert plain["startup_s"] is None  # the process had started long before
 
 
-def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(image_folder: Path) -> None:
-    result = run_bench("--dataset", "ImageFolder", "--data_path", str(image_folder), "--ipc", "2", "--iterations", "1",
-                       "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--compile", "off",
-                       "--nproc", "2", "--threads", "1")
+def test_nproc_measures_one_process_then_several_with_their_shares_and_traffic(
+        bench_runs: dict[str, subprocess.CompletedProcess]) -> None:
+    result = bench_runs["nproc"]
     assert result.returncode == 0, result.stderr
     one, two = map(json.loads, result.stdout.strip().splitlines())
     assert (one["processes"], two["processes"], two["threads_per_process"]) == (1, 2, 1)

@@ -13,10 +13,9 @@ reference run against itself with its initial images nudged by one ulp ended up 
 update away after two iterations of four passes (ATEN_CPU_CAPABILITY=default, 32 px). These tests
 therefore distil with smooth networks (Swish activations; DSA moves pixels by parameters that do not
 depend on their values), where the same one-ulp nudge moves every class by 2e-6 of its update and the
-two paths end 1e-6 to 2e-6 apart (7e-5 with BatchNorm) on an AMD Zen 3 under default and scalar
-kernels; other kernels round
-up to a few hundred times more (helpers.UPDATE_TOLERANCE's note), so each class must end within
-UPDATE_TOLERANCE of its update. Two iterations hold every kind of catch-up (partial ones in the
+two paths end 1e-6 to 2e-6 apart (7e-5 with BatchNorm) under default and scalar kernels; other
+kernels round up to a few hundred times more (helpers.UPDATE_TOLERANCE's note), so each class must
+end within UPDATE_TOLERANCE of its update. Two iterations hold every kind of catch-up (partial ones in the
 first, C - 1 missed turns in the second). Bugs each moved a class by far more than the bound: a
 catch-up one step short, one DSA draw for every class of an op group, every class given the first
 class's cross-entropy, the IPC-1 rule skipped in chunks, Adam's catch-up with a frozen step count

@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -27,10 +29,10 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_args(folder: Path, save_path: Path, name: str, *more: str) -> list[str]:
-    """5 classes in batched chunks of 2, 2 and 1 (uneven over 2 processes: 4 and 1 classes), 12
-    iterations with evaluations at 6 and 12."""
+    """5 classes in batched chunks of 2, 2 and 1 (uneven over 2 processes: 4 and 1 classes), 6
+    iterations with evaluations at 3 and 6."""
     return ["--dataset", "ImageFolder", "--data_path", str(folder), "--im_size", "16", "--ipc", "2",
-            "--Iteration", "12", "--eval_interval", "6", "--num_exp", "1", "--num_eval", "3",
+            "--Iteration", "6", "--eval_interval", "3", "--num_exp", "1", "--num_eval", "3",
             "--epoch_eval_train", "2", "--batch_real", "6", "--trained_bs", "8", "--model_train_steps", "2",
             "--batch_train", "8", "--log_every", "1", "--device", "cpu", "--precision", "fp32", "--class_chunk", "2",
             "--save_path", str(save_path), "--run_name", name, *more]
@@ -44,6 +46,31 @@ def torchrun(processes: int, *args: str, restarts: int = 0, script: str = "BACON
 def finish(command: list[str]) -> None:
     done = subprocess.run(command, cwd=CODE_DIR, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def start_together(*commands: list[str]) -> list[tuple[int, str]]:
+    """Run independent ``commands`` at the same time; (exit code, stderr) of each. Every process uses
+    one thread, so results do not depend on what else runs, and a run that is mostly process start-up
+    or a one-process run leaves a core to the other. torchrun --standalone binds its rendezvous store
+    to a port the system picks (localhost:0) and its workers share that store, so runs started
+    together never meet. stderr goes to a file, so no run blocks on a full pipe while another is
+    waited for."""
+    with ExitStack() as files:
+        logs = [files.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        started = [subprocess.Popen(command, cwd=CODE_DIR, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=log,
+                                    text=True) for command, log in zip(commands, logs)]
+        outcomes = []
+        for process, log in zip(started, logs):
+            process.wait(timeout=300)
+            log.seek(0)
+            outcomes.append((process.returncode, log.read()))
+    return outcomes
+
+
+def finish_together(*commands: list[str]) -> None:
+    """Run independent ``commands`` at the same time (start_together); each must succeed."""
+    for returncode, err in start_together(*commands):
+        assert returncode == 0, err[-3000:]
 
 
 def results(run_dir: Path) -> dict:
@@ -74,12 +101,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ends bit for bit as "two".)"""
     root = tmp_path_factory.mktemp("distributed")
     folder = write_image_folder(root / "folder", classes=5, per_class=10)
-    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one")])
-    finish(torchrun(2, *run_args(folder, root, "two", "--check_replicas")))
-    finish(torchrun(3, *run_args(folder, root, "three", "--method", "dm", "--lr_img", "1", "--no-syn_ce")))
+    finish_together([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one")],
+                    torchrun(2, *run_args(folder, root, "two", "--check_replicas")))
+    finish_together([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one-dm", "--method", "dm",
+                                                                 "--lr_img", "1", "--no-syn_ce")],
+                    torchrun(3, *run_args(folder, root, "three", "--method", "dm", "--lr_img", "1", "--no-syn_ce")))
     finish(torchrun(3, *run_args(folder, root, "three-bacon")))
-    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one-dm", "--method", "dm", "--lr_img", "1",
-                                                         "--no-syn_ce")])
     return {"root": root, "folder": folder, **{name: root / name for name in
                                                ("one", "two", "three", "one-dm", "three-bacon")}}
 
@@ -143,7 +170,7 @@ def test_a_killed_process_is_restarted_by_torchrun_and_the_run_ends_as_if_uninte
     agent = subprocess.Popen(command, cwd=CODE_DIR, env=ONE_THREAD, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and ("train", 8) in events(run_dir)):
+    while not ((run_dir / "metrics.jsonl").exists() and ("train", 4) in events(run_dir)):
         assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read()[-3000:]
         time.sleep(0.05)
     victim = rank_pid(agent, 1)
@@ -163,12 +190,24 @@ def test_resume_auto_needs_a_run_name(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--resume auto needs --run_name" in done.stderr
 
 
-@pytest.mark.parametrize("bad", [["--ipc", "0"], ["--no-such-flag"]])
-def test_a_user_error_is_one_line_from_one_process(bad: list[str], tmp_path: Path) -> None:
-    done = subprocess.run(torchrun(2, *bad, "--device", "cpu", "--save_path", str(tmp_path)), cwd=CODE_DIR,
-                          env=ONE_THREAD, capture_output=True, text=True, timeout=120)
-    said = [line for line in done.stderr.splitlines() if line.startswith("BACON_cifar.py: error")]
-    assert done.returncode != 0 and len(said) == 1, done.stderr[-3000:]
+USER_ERRORS = {"bad-value": ["--ipc", "0"], "unknown-flag": ["--no-such-flag"]}
+
+
+@pytest.fixture(scope="module")
+def user_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """(exit code, stderr) of a two-process run given each of USER_ERRORS, started together
+    (start_together): each run is mostly process start-up."""
+    root = tmp_path_factory.mktemp("user-errors")
+    outcomes = start_together(*(torchrun(2, *bad, "--device", "cpu", "--save_path", str(root / name))
+                                for name, bad in USER_ERRORS.items()))
+    return dict(zip(USER_ERRORS, outcomes))
+
+
+@pytest.mark.parametrize("bad", USER_ERRORS)
+def test_a_user_error_is_one_line_from_one_process(bad: str, user_errors: dict[str, tuple[int, str]]) -> None:
+    returncode, stderr = user_errors[bad]
+    said = [line for line in stderr.splitlines() if line.startswith("BACON_cifar.py: error")]
+    assert returncode != 0 and len(said) == 1, stderr[-3000:]
 
 
 def test_the_sequential_reference_path_is_refused_on_several_processes() -> None:
@@ -185,11 +224,11 @@ def test_the_sequential_reference_path_is_refused_on_several_processes() -> None
 
 def test_evaluating_one_set_gives_the_same_accuracies_on_any_number_of_processes(runs: dict[str, Path]) -> None:
     """evaluate.py deals its networks out; each draws from streams keyed by its own name."""
-    args = [str(runs["one"] / "sets" / "exp0_it000012.pt"), "--data_path", str(runs["folder"]), "--im_size", "16",
+    args = [str(runs["one"] / "sets" / "exp0_it000006.pt"), "--data_path", str(runs["folder"]), "--im_size", "16",
             "--num_eval", "5", "--epoch_eval_train", "3", "--batch_train", "8", "--device", "cpu",
             "--precision", "fp32", "--save_path", str(runs["root"])]
-    finish([sys.executable, "evaluate.py", *args, "--run_name", "evaluated-by-one"])
-    finish(torchrun(3, *args, "--run_name", "evaluated-by-three", script="evaluate.py"))
+    finish_together([sys.executable, "evaluate.py", *args, "--run_name", "evaluated-by-one"],
+                    torchrun(3, *args, "--run_name", "evaluated-by-three", script="evaluate.py"))
     one, three = (json.loads((runs["root"] / name / "results.json").read_text())
                   for name in ("evaluated-by-one", "evaluated-by-three"))
     assert one["final"] == three["final"] and three["processes"] == 3

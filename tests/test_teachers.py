@@ -55,8 +55,8 @@ class EpochLog:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy two-core machine two OpenMP threads
-    made a training step 100x slower (0.44 s against 0.0045 s)."""
+    """Tiny tensors gain nothing from threads, and where the cores are busy with other work OpenMP
+    threads wait on each other, which can cost a training step far more than its arithmetic."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
