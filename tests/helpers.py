@@ -3,6 +3,8 @@ the script runner, and the distance between two trainings."""
 
 import subprocess
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -61,6 +63,26 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
     """Run an entry script as a user would, from Code/."""
     return subprocess.run([sys.executable, script, *args], cwd=CODE_DIR, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_together(commands: Sequence[Sequence[str]], cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                 timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start independent ``commands`` at once and wait for all; each one's exit code, stdout and
+    stderr, in order. The output goes to files, so no process blocks on a full pipe while another
+    is waited for."""
+    with ExitStack() as files:
+        started = []
+        for command in commands:
+            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            started.append((subprocess.Popen(list(command), cwd=cwd, env=env, stdout=out, stderr=err, text=True),
+                            out, err))
+        done = []
+        for process, out, err in started:
+            process.wait(timeout=timeout)
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read()))
+    return done
 
 
 # Two code paths that do the same arithmetic in another order (stacked or compiled vs eager one after

@@ -3,33 +3,13 @@
 import json
 import subprocess
 import sys
-import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from helpers import write_image_folder
+from helpers import run_together, write_image_folder
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
-
-
-def run_benches_together(runs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Each of ``runs`` (name: arguments) as one bench process, all started at once; stdout and stderr go
-    to files, so no process blocks on a full pipe while another is waited for."""
-    with ExitStack() as files:
-        started = {}
-        for name, args in runs.items():
-            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
-            started[name] = (subprocess.Popen([sys.executable, str(BENCH), *args], stdout=out, stderr=err, text=True),
-                             out, err)
-        done = {}
-        for name, (process, out, err) in started.items():
-            process.wait(timeout=300)
-            out.seek(0)
-            err.seek(0)
-            done[name] = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +29,11 @@ def bench_runs(small_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     be positive)."""
     common = ["--dataset", "ImageFolder", "--data_path", str(small_folder), "--ipc", "2", "--iterations", "1",
               "--eval_epochs", "1", "--device", "cpu", "--precision", "fp32", "--compile", "off"]
-    return run_benches_together({
-        "measured": [*common, "--stacked_nets", "2"],
-        "nproc": [*common, "--nproc", "2", "--threads", "1"],
-        "missing": ["--dataset", "ImageFolder", "--data_path", str(tmp_path_factory.mktemp("bench") / "missing"),
-                    "--device", "cpu"]})
+    runs = {"measured": [*common, "--stacked_nets", "2"],
+            "nproc": [*common, "--nproc", "2", "--threads", "1"],
+            "missing": ["--dataset", "ImageFolder", "--data_path", str(tmp_path_factory.mktemp("bench") / "missing"),
+                        "--device", "cpu"]}
+    return dict(zip(runs, run_together([[sys.executable, str(BENCH), *args] for args in runs.values()])))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
 
 from distributed import World
-from helpers import CODE_DIR, write_image_folder
+from helpers import CODE_DIR, run_together, write_image_folder
 
 TIMING_KEYS = {"s_per_iteration", "seconds", "run_dir"}
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -48,29 +46,18 @@ def finish(command: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def start_together(*commands: list[str]) -> list[tuple[int, str]]:
-    """Run independent ``commands`` at the same time; (exit code, stderr) of each. Every process uses
-    one thread, so results do not depend on what else runs, and a run that is mostly process start-up
-    or a one-process run leaves a core to the other. torchrun --standalone binds its rendezvous store
-    to a port the system picks (localhost:0) and its workers share that store, so runs started
-    together never meet. stderr goes to a file, so no run blocks on a full pipe while another is
-    waited for."""
-    with ExitStack() as files:
-        logs = [files.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
-        started = [subprocess.Popen(command, cwd=CODE_DIR, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=log,
-                                    text=True) for command, log in zip(commands, logs)]
-        outcomes = []
-        for process, log in zip(started, logs):
-            process.wait(timeout=300)
-            log.seek(0)
-            outcomes.append((process.returncode, log.read()))
-    return outcomes
+def start_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run independent ``commands`` at the same time from Code/, one thread each, so results do not
+    depend on what else runs; a run that is mostly process start-up, or one of one process, leaves a
+    core to the other. torchrun --standalone binds its rendezvous store to a port the system picks
+    (localhost:0) and its workers share that store, so runs started together never meet."""
+    return run_together(commands, cwd=CODE_DIR, env=ONE_THREAD)
 
 
 def finish_together(*commands: list[str]) -> None:
     """Run independent ``commands`` at the same time (start_together); each must succeed."""
-    for returncode, err in start_together(*commands):
-        assert returncode == 0, err[-3000:]
+    for done in start_together(*commands):
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 def results(run_dir: Path) -> dict:
@@ -194,8 +181,8 @@ USER_ERRORS = {"bad-value": ["--ipc", "0"], "unknown-flag": ["--no-such-flag"]}
 
 
 @pytest.fixture(scope="module")
-def user_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
-    """(exit code, stderr) of a two-process run given each of USER_ERRORS, started together
+def user_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess]:
+    """The outcome of a two-process run given each of USER_ERRORS, started together
     (start_together): each run is mostly process start-up."""
     root = tmp_path_factory.mktemp("user-errors")
     outcomes = start_together(*(torchrun(2, *bad, "--device", "cpu", "--save_path", str(root / name))
@@ -204,10 +191,11 @@ def user_errors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int
 
 
 @pytest.mark.parametrize("bad", USER_ERRORS)
-def test_a_user_error_is_one_line_from_one_process(bad: str, user_errors: dict[str, tuple[int, str]]) -> None:
-    returncode, stderr = user_errors[bad]
-    said = [line for line in stderr.splitlines() if line.startswith("BACON_cifar.py: error")]
-    assert returncode != 0 and len(said) == 1, stderr[-3000:]
+def test_a_user_error_is_one_line_from_one_process(bad: str,
+                                                   user_errors: dict[str, subprocess.CompletedProcess]) -> None:
+    done = user_errors[bad]
+    said = [line for line in done.stderr.splitlines() if line.startswith("BACON_cifar.py: error")]
+    assert done.returncode != 0 and len(said) == 1, done.stderr[-3000:]
 
 
 def test_the_sequential_reference_path_is_refused_on_several_processes() -> None:
