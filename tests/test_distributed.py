@@ -41,11 +41,6 @@ def torchrun(processes: int, *args: str, restarts: int = 0, script: str = "BACON
             "--max-restarts", str(restarts), script, *args]
 
 
-def finish(command: list[str]) -> None:
-    done = subprocess.run(command, cwd=CODE_DIR, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def start_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     """Run independent ``commands`` at the same time from Code/, one thread each, so results do not
     depend on what else runs; a run that is mostly process start-up, or one of one process, leaves a
@@ -54,7 +49,7 @@ def start_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     return run_together(commands, cwd=CODE_DIR, env=ONE_THREAD)
 
 
-def finish_together(*commands: list[str]) -> None:
+def finish(*commands: list[str]) -> None:
     """Run independent ``commands`` at the same time (start_together); each must succeed."""
     for done in start_together(*commands):
         assert done.returncode == 0, done.stderr[-3000:]
@@ -88,9 +83,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ends bit for bit as "two".)"""
     root = tmp_path_factory.mktemp("distributed")
     folder = write_image_folder(root / "folder", classes=5, per_class=10)
-    finish_together([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one")],
+    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one")],
                     torchrun(2, *run_args(folder, root, "two", "--check_replicas")))
-    finish_together([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one-dm", "--method", "dm",
+    finish([sys.executable, "BACON_cifar.py", *run_args(folder, root, "one-dm", "--method", "dm",
                                                                  "--lr_img", "1", "--no-syn_ce")],
                     torchrun(3, *run_args(folder, root, "three", "--method", "dm", "--lr_img", "1", "--no-syn_ce")))
     finish(torchrun(3, *run_args(folder, root, "three-bacon")))
@@ -215,7 +210,7 @@ def test_evaluating_one_set_gives_the_same_accuracies_on_any_number_of_processes
     args = [str(runs["one"] / "sets" / "exp0_it000006.pt"), "--data_path", str(runs["folder"]), "--im_size", "16",
             "--num_eval", "5", "--epoch_eval_train", "3", "--batch_train", "8", "--device", "cpu",
             "--precision", "fp32", "--save_path", str(runs["root"])]
-    finish_together([sys.executable, "evaluate.py", *args, "--run_name", "evaluated-by-one"],
+    finish([sys.executable, "evaluate.py", *args, "--run_name", "evaluated-by-one"],
                     torchrun(3, *args, "--run_name", "evaluated-by-three", script="evaluate.py"))
     one, three = (json.loads((runs["root"] / name / "results.json").read_text())
                   for name in ("evaluated-by-one", "evaluated-by-three"))
